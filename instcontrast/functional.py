@@ -1,0 +1,351 @@
+r"""Functional core of the instance-aware pixel contrastive loss: pure, typed functions.
+
+Notation: ``B`` batch, ``K`` instance queries, ``C`` foreground classes (+1 no-object, the last
+column), ``h×w`` feature grid, ``N = h·w``, ``E`` width of the fused probability vector, ``D``
+embedding width, ``A`` anchors, ``M`` pool candidates, ``R`` negatives per anchor, ``T``
+temperature.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from ._backend import Backend, resolve_backend
+from ._checks import check_choice, check_positive, check_predictions
+from .ops.chunked import accumulation_dtype, default_block_size
+
+__all__ = [
+    "STRATEGIES",
+    "SCORES",
+    "REDUCTIONS",
+    "fused_probability",
+    "debias_score",
+    "pixel_info_nce",
+    "pixel_hinge",
+    "false_negative_rate",
+    "empirical_margin",
+    "positive_similarity",
+]
+
+STRATEGIES = ("uniform", "mask", "class", "fusion")
+SCORES = ("linear", "squared", "sqrt")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def fused_probability(
+    mask_logits: Tensor,
+    class_logits: Tensor,
+    size: tuple[int, int] | None = None,
+    strategy: str = "fusion",
+) -> Tensor:
+    r"""Per-pixel fused probability embedding :math:`\hat y` (Eq. 1–2 of the paper).
+
+    .. math::
+        P_m[b,k,p] = \mathrm{softmax}_k\, M[b,k,p],\quad
+        P_c[b,k,c] = \mathrm{softmax}_c\, L[b,k,c],\quad
+        F_c[b,p,c] = \sum_k P_m[b,k,p]\,P_c[b,k,c],
+
+    .. math::
+        y[b,p] = \big(P_m[b,:,p],\ F_c[b,p,:]\big),\qquad \hat y = y / \lVert y\rVert_2 .
+
+    ``strategy="mask"`` keeps only :math:`P_m`, ``"class"`` only :math:`F_c`; ``"fusion"`` (and
+    ``"uniform"``, for which the embedding is unused) keeps both. Every entry is non-negative and
+    every vector has unit norm, so :math:`\langle \hat y_p, \hat y_q\rangle \in [0, 1]`.
+
+    Args:
+        mask_logits: per-query mask logits at any resolution; resized bilinearly to ``size``.
+        class_logits: per-query class logits, no-object class last.
+        size: the feature grid ``(h, w)``; defaults to the mask resolution.
+        strategy: one of :data:`STRATEGIES`.
+
+    Shape:
+        - mask_logits: :math:`(B, K, H, W)`
+        - class_logits: :math:`(B, K, C+1)`
+        - output: :math:`(B, h\cdot w, E)` with :math:`E = K + C + 1` (fusion), :math:`K` (mask)
+          or :math:`C + 1` (class); float32 (float64 for float64 inputs).
+
+    Returns:
+        The ℓ2-normalized fused probability vectors, row-major over the ``h×w`` grid.
+
+    Raises:
+        ValueError: on mismatched shapes or an unknown strategy.
+    """
+    check_choice("strategy", strategy, STRATEGIES)
+    check_predictions(mask_logits, class_logits)
+    work = accumulation_dtype(mask_logits.dtype, class_logits.dtype)
+    mask_logits = mask_logits.to(work)
+    if size is not None and tuple(size) != tuple(mask_logits.shape[-2:]):
+        mask_logits = F.interpolate(mask_logits, size=tuple(size), mode="bilinear", align_corners=False)
+    batch, queries = mask_logits.shape[:2]
+    mask_probs = mask_logits.reshape(batch, queries, -1).softmax(dim=1)  # (B, K, N)
+    mask_probs = mask_probs.transpose(1, 2)  # (B, N, K)
+    if strategy == "mask":
+        parts = mask_probs
+    else:
+        class_probs = class_logits.to(work).softmax(dim=-1)  # (B, K, C+1)
+        expected_class = torch.bmm(mask_probs, class_probs)  # (B, N, C+1)
+        parts = expected_class if strategy == "class" else torch.cat([mask_probs, expected_class], dim=-1)
+    return F.normalize(parts, p=2.0, dim=-1)  # (B, N, E)
+
+
+def debias_score(anchor_probs: Tensor, candidate_probs: Tensor, score: str = "linear") -> Tensor:
+    r"""Debias score: how likely two pixels belong to different instances.
+
+    .. math::
+        s(p, q) = \max\big(0,\ 1 - \langle \hat y_p, \hat y_q\rangle\big) \in [0, 1],
+
+    with variants ``"squared"`` (:math:`s^2`) and ``"sqrt"`` (:math:`\sqrt{s}`). Note
+    :math:`s(p, p) = 0`: an anchor never samples itself.
+
+    Args:
+        anchor_probs: fused probability vectors of the anchors (from :func:`fused_probability`).
+        candidate_probs: fused probability vectors of the candidates; broadcast against anchors.
+        score: one of :data:`SCORES`.
+
+    Shape:
+        - anchor_probs: :math:`(\ldots, E)`, candidate_probs: :math:`(\ldots, E)` (broadcastable)
+        - output: :math:`(\ldots)`
+
+    Returns:
+        Scores in :math:`[0, 1]`.
+    """
+    check_choice("score", score, SCORES)
+    if anchor_probs.shape[-1] != candidate_probs.shape[-1]:
+        raise ValueError(
+            f"anchor_probs (..., E) and candidate_probs (..., E) disagree on E: "
+            f"{anchor_probs.shape[-1]} vs {candidate_probs.shape[-1]}"
+        )
+    similarity = (anchor_probs * candidate_probs).sum(dim=-1)
+    return transform_score((1.0 - similarity).clamp(0.0, 1.0), score)
+
+
+def transform_score(linear_score: Tensor, score: str) -> Tensor:
+    """Apply the score variant to a linear score already clamped to ``[0, 1]`` (in place when possible)."""
+    if score == "squared":
+        return linear_score.square()
+    if score == "sqrt":
+        return linear_score.sqrt()
+    return linear_score
+
+
+def _resolve(backend: str | Backend) -> Backend:
+    return backend if isinstance(backend, Backend) else resolve_backend(backend)
+
+
+def _check_pairs(anchors: Tensor, positives: Tensor, pool: Tensor, negative_index: Tensor) -> None:
+    if anchors.ndim != 2:
+        raise ValueError(f"anchors must have shape (A, D), got {tuple(anchors.shape)}")
+    if positives.shape != anchors.shape:
+        raise ValueError(f"positives must have the anchors' shape (A, D) = {tuple(anchors.shape)}, got {tuple(positives.shape)}")
+    if pool.ndim != 2 or pool.shape[1] != anchors.shape[1]:
+        raise ValueError(f"pool must have shape (M, D) with D = {anchors.shape[1]}, got {tuple(pool.shape)}")
+    if negative_index.ndim != 2 or negative_index.shape[0] != anchors.shape[0]:
+        raise ValueError(
+            f"negative_index must have shape (A, R) with A = {anchors.shape[0]}, got {tuple(negative_index.shape)}"
+        )
+    if negative_index.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"negative_index must be int64 or int32, got {negative_index.dtype}")
+
+
+def _reduce(per_anchor: Tensor, reduction: str) -> Tensor:
+    if reduction == "none":
+        return per_anchor
+    if reduction == "sum":
+        return per_anchor.sum()
+    if per_anchor.numel() == 0:
+        return per_anchor.sum()  # 0, still attached to the graph
+    return per_anchor.mean()
+
+
+def _normalized(x: Tensor) -> Tensor:
+    return F.normalize(x.to(accumulation_dtype(x.dtype)), p=2.0, dim=-1)
+
+
+def positive_similarity(anchors: Tensor, positives: Tensor) -> Tensor:
+    r"""Cosine similarity :math:`\cos^+_a = \langle \hat z^w_a, \hat z^s_a\rangle` of each positive pair, ``(A,)``."""
+    return (_normalized(anchors) * _normalized(positives)).sum(dim=-1)
+
+
+def pixel_info_nce(
+    anchors: Tensor,
+    positives: Tensor,
+    pool: Tensor,
+    negative_index: Tensor,
+    temperature: float = 0.2,
+    reduction: str = "mean",
+    backend: str | Backend = "auto",
+) -> Tensor:
+    r"""Pixel InfoNCE (NT-Xent) over sampled negatives.
+
+    With ℓ2-normalized embeddings, :math:`s^+_a = \langle z^w_a, z^s_a\rangle / T` and
+    :math:`s^-_{a,r} = \langle z^w_a, m_{i_{a,r}}\rangle / T`,
+
+    .. math::
+        \ell_a = -\log \frac{e^{s^+_a}}{e^{s^+_a} + \sum_{r=1}^{R} e^{s^-_{a,r}}}
+               = \operatorname{softplus}\Big(\log\sum_r e^{s^-_{a,r}} - s^+_a\Big) \ge 0 .
+
+    Inputs are normalized here (a zero vector stays zero); similarities and the log-sum-exp are
+    accumulated in float32 (float64 for float64 inputs), so half-precision inputs are safe. With no
+    anchors (``A = 0``) the ``"mean"`` is 0, still attached to the graph.
+
+    Args:
+        anchors: weak-view embeddings of the anchors.
+        positives: strong-view embeddings at the anchors' locations.
+        pool: candidate negative embeddings (strong view, plus memory bank rows).
+        negative_index: for each anchor, ``R`` row indices into ``pool`` (from a sampler).
+        temperature: :math:`T > 0`.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        backend: ``"auto"``, ``"reference"``, ``"chunked"``, ``"triton"`` or a resolved backend.
+
+    Shape:
+        - anchors, positives: :math:`(A, D)`; pool: :math:`(M, D)`; negative_index: :math:`(A, R)`
+        - output: scalar, or :math:`(A,)` for ``reduction="none"``
+
+    Returns:
+        The loss.
+    """
+    check_positive("temperature", temperature)
+    check_choice("reduction", reduction, REDUCTIONS)
+    _check_pairs(anchors, positives, pool, negative_index)
+    anchors_n = _normalized(anchors)  # (A, D)
+    scale = 1.0 / float(temperature)
+    if anchors.shape[0] == 0:
+        return _reduce(anchors_n.sum(dim=1) + positives.sum(dim=1) * 0 + pool.sum() * 0, reduction)
+    positive_logit = (anchors_n * _normalized(positives)).sum(dim=-1) * scale  # (A,)
+    op = _resolve(backend).op_for(anchors)
+    negative_lse = op(anchors_n, _normalized(pool), negative_index, scale)  # (A,)
+    per_anchor = F.softplus(negative_lse - positive_logit)  # (A,)
+    return _reduce(per_anchor, reduction)
+
+
+def _hinge_block(anchors_n: Tensor, positive_cos: Tensor, pool_n: Tensor, index: Tensor, margin: float) -> Tensor:
+    negative_cos = torch.bmm(pool_n[index], anchors_n[:, :, None]).squeeze(-1)  # (c, R)
+    return (margin - positive_cos[:, None] + negative_cos).clamp_min(0.0).mean(dim=1)  # (c,)
+
+
+def pixel_hinge(
+    anchors: Tensor,
+    positives: Tensor,
+    pool: Tensor,
+    negative_index: Tensor,
+    margin: float = 0.2,
+    reduction: str = "mean",
+    block_size: int | None = None,
+) -> Tensor:
+    r"""Hinge (margin) variant of the pixel contrastive loss over sampled negatives.
+
+    .. math::
+        \ell_a = \frac{1}{R}\sum_{r=1}^{R} \max\big(0,\ m - \cos^+_a + \cos^-_{a,r}\big),\qquad m = 0.2 .
+
+    Computed block by block with activation checkpointing, so memory stays bounded in ``A·R·D``.
+
+    Args:
+        anchors: weak-view embeddings of the anchors.
+        positives: strong-view embeddings at the anchors' locations.
+        pool: candidate negative embeddings.
+        negative_index: for each anchor, ``R`` row indices into ``pool``.
+        margin: :math:`m \ge 0`.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        block_size: anchors per block (default: about 2 MiB of gathered negatives).
+
+    Shape:
+        - anchors, positives: :math:`(A, D)`; pool: :math:`(M, D)`; negative_index: :math:`(A, R)`
+        - output: scalar, or :math:`(A,)` for ``reduction="none"``
+
+    Returns:
+        The loss, :math:`\ge 0`.
+    """
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not (0 <= margin < float("inf")):
+        raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
+    check_choice("reduction", reduction, REDUCTIONS)
+    _check_pairs(anchors, positives, pool, negative_index)
+    anchors_n = _normalized(anchors)  # (A, D)
+    positive_cos = (anchors_n * _normalized(positives)).sum(dim=-1)  # (A,)
+    pool_n = _normalized(pool)  # (M, D)
+    size = block_size or default_block_size(max(1, negative_index.shape[1]), anchors.shape[1])
+    blocks = []
+    for start in range(0, anchors.shape[0], size):
+        stop = start + size
+        args = (anchors_n[start:stop], positive_cos[start:stop], pool_n, negative_index[start:stop], float(margin))
+        if torch.is_grad_enabled() and (anchors_n.requires_grad or pool_n.requires_grad or positive_cos.requires_grad):
+            blocks.append(checkpoint(_hinge_block, *args, use_reentrant=False))
+        else:
+            blocks.append(_hinge_block(*args))
+    per_anchor = torch.cat(blocks) if blocks else anchors_n.sum(dim=1) + positive_cos * 0 + pool_n.sum() * 0
+    return _reduce(per_anchor, reduction)
+
+
+def false_negative_rate(anchor_ids: Tensor, negative_ids: Tensor, ignore_index: int = -1) -> Tensor:
+    r"""Fraction of sampled negatives that belong to the anchor's own instance.
+
+    .. math::
+        \mathrm{FNR} = \frac{\#\{(a, r): \mathrm{id}(i_{a,r}) = \mathrm{id}(a)\}}{\#\{(a, r)\}},
+        \qquad p = 1 - \mathrm{FNR},
+
+    counting only pairs where neither id is ``ignore_index``. Ids must already be unique across
+    images (e.g. ``image_index · (max_id + 1) + id``).
+
+    Args:
+        anchor_ids: instance id of each anchor.
+        negative_ids: instance id of each sampled negative.
+        ignore_index: id that is not counted.
+
+    Shape:
+        - anchor_ids: :math:`(A,)`; negative_ids: :math:`(A, R)`; output: scalar float
+
+    Returns:
+        The rate in :math:`[0, 1]`; ``nan`` when no pair is countable (the rate is undefined).
+    """
+    if anchor_ids.ndim != 1 or negative_ids.ndim != 2 or negative_ids.shape[0] != anchor_ids.shape[0]:
+        raise ValueError(
+            f"anchor_ids must be (A,) and negative_ids (A, R); got {tuple(anchor_ids.shape)} and {tuple(negative_ids.shape)}"
+        )
+    countable = (anchor_ids != ignore_index)[:, None] & (negative_ids != ignore_index)  # (A, R)
+    same = (negative_ids == anchor_ids[:, None]) & countable  # (A, R)
+    total = countable.sum()
+    if int(total) == 0:
+        return torch.tensor(float("nan"), device=anchor_ids.device)
+    return same.sum().double().div(total).float()
+
+
+def _sum_negative_cosine(anchors_n: Tensor, pool_n: Tensor, negative_index: Tensor) -> Tensor:
+    size = default_block_size(max(1, negative_index.shape[1]), anchors_n.shape[1])
+    total = anchors_n.new_zeros(())
+    for start in range(0, anchors_n.shape[0], size):
+        block = negative_index[start : start + size]  # (c, R)
+        total += torch.bmm(pool_n[block], anchors_n[start : start + size, :, None]).sum()
+    return total
+
+
+@torch.no_grad()
+def empirical_margin(anchors: Tensor, positives: Tensor, pool: Tensor, negative_index: Tensor) -> Tensor:
+    r"""Empirical margin between positive and negative cosine similarity.
+
+    .. math::
+        \Delta = \operatorname{mean}_a \cos^+_a - \operatorname{mean}_{a,r} \cos^-_{a,r},
+
+    the paper's NegMean − PosMean in cosine-distance units. Larger is better separated.
+
+    Args:
+        anchors: weak-view embeddings of the anchors.
+        positives: strong-view embeddings at the anchors' locations.
+        pool: candidate negative embeddings.
+        negative_index: sampled negatives, indices into ``pool``.
+
+    Shape:
+        - anchors, positives: :math:`(A, D)`; pool: :math:`(M, D)`; negative_index: :math:`(A, R)`
+        - output: scalar float
+
+    Returns:
+        :math:`\Delta \in [-2, 2]`; ``nan`` when there are no anchors or no negatives.
+    """
+    _check_pairs(anchors, positives, pool, negative_index)
+    if negative_index.numel() == 0:
+        return torch.tensor(float("nan"), device=anchors.device)
+    anchors_n = _normalized(anchors)
+    mean_positive = (anchors_n * _normalized(positives)).sum(dim=-1).mean()
+    total_negative = _sum_negative_cosine(anchors_n, _normalized(pool), negative_index)
+    return (mean_positive - total_negative / negative_index.numel()).float()

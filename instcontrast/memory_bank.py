@@ -1,0 +1,137 @@
+"""A fixed-size FIFO ring of detached pixel embeddings and their fused probability vectors.
+
+The bank is just more pool: the loss samples negatives from ``batch ∪ bank`` with the same exact
+score-proportional sampler. Entries are written under ``no_grad`` after the loss, only in training
+mode; under ``torch.distributed`` every rank's new entries are all-gathered first, so every rank's
+bank holds the same rows in the same order.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_choice, check_positive
+from .distributed import all_gather_rows
+
+__all__ = ["PixelMemoryBank"]
+
+WARMUPS = ("immediate", "full")
+
+
+class PixelMemoryBank(nn.Module):
+    """FIFO memory of ``(z, ŷ)`` pairs used as extra negative candidates.
+
+    Args:
+        embedding_dim: ``D`` of the (normalized) embeddings it stores.
+        prob_dim: ``E`` of the fused probability vectors (``K + C + 1`` for ``"fusion"``).
+        size: capacity in pixels (default 10 000, as in the paper).
+        pixels_per_step: how many pixels (a random subset) one :meth:`enqueue` writes per rank;
+            ``None`` writes all it is given.
+        warmup: ``"immediate"`` offers bank rows as candidates from the first step;
+            ``"full"`` only once the ring is full.
+
+    Buffers (saved in ``state_dict``): ``embeddings (size, D)``, ``probs (size, E)``,
+    ``pointer`` (next row to write) and ``filled`` (rows holding data).
+    """
+
+    embeddings: Tensor
+    probs: Tensor
+    pointer: Tensor
+    filled: Tensor
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        prob_dim: int,
+        size: int = 10_000,
+        pixels_per_step: int | None = 1024,
+        warmup: str = "immediate",
+    ) -> None:
+        super().__init__()
+        check_positive("embedding_dim", embedding_dim, integer=True)
+        check_positive("prob_dim", prob_dim, integer=True)
+        check_positive("size", size, integer=True)
+        if pixels_per_step is not None:
+            check_positive("pixels_per_step", pixels_per_step, integer=True)
+        self.size = size
+        self.pixels_per_step = pixels_per_step
+        self.warmup = check_choice("warmup", warmup, WARMUPS)
+        self.register_buffer("embeddings", torch.zeros(size, embedding_dim))
+        self.register_buffer("probs", torch.zeros(size, prob_dim))
+        self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+
+    @property
+    def embedding_dim(self) -> int:
+        """``D``."""
+        return self.embeddings.shape[1]
+
+    @property
+    def prob_dim(self) -> int:
+        """``E``."""
+        return self.probs.shape[1]
+
+    def extra_repr(self) -> str:
+        return (
+            f"size={self.size}, embedding_dim={self.embedding_dim}, prob_dim={self.prob_dim}, "
+            f"pixels_per_step={self.pixels_per_step}, warmup={self.warmup!r}"
+        )
+
+    def check_dims(self, embedding_dim: int, prob_dim: int | None) -> None:
+        """Raise ``ValueError`` unless inputs match the bank's ``(D, E)``."""
+        if embedding_dim != self.embedding_dim or (prob_dim is not None and prob_dim != self.prob_dim):
+            raise ValueError(
+                f"this memory bank stores (D, E) = ({self.embedding_dim}, {self.prob_dim}) but got embeddings "
+                f"with D = {embedding_dim} and probabilities with E = {prob_dim}; build the bank with "
+                "PixelMemoryBank(embedding_dim=D, prob_dim=K + C + 1) for the 'fusion' strategy "
+                "(K for 'mask', C + 1 for 'class')"
+            )
+
+    def candidates(self) -> tuple[Tensor, Tensor]:
+        """The rows offered as negatives now: ``(z (F, D), ŷ (F, E))``, empty during warm-up."""
+        filled = int(self.filled)
+        if self.warmup == "full" and filled < self.size:
+            filled = 0
+        return self.embeddings[:filled], self.probs[:filled]
+
+    @torch.no_grad()
+    def enqueue(self, embeddings: Tensor, probs: Tensor, generator: torch.Generator | None = None) -> int:
+        """Write new rows (oldest overwritten first); return how many rows were written.
+
+        Under an initialized ``torch.distributed`` process group every rank's rows are
+        all-gathered (in rank order) before writing, so banks stay identical across ranks.
+
+        Args:
+            embeddings: pixel embeddings; stored ℓ2-normalized and detached.
+            probs: their fused probability vectors.
+            generator: random generator for the ``pixels_per_step`` subset.
+
+        Shape:
+            - embeddings: :math:`(n, D)`; probs: :math:`(n, E)`
+        """
+        if embeddings.ndim != 2 or probs.ndim != 2 or embeddings.shape[0] != probs.shape[0]:
+            raise ValueError(
+                f"enqueue needs embeddings (n, D) and probs (n, E) with the same n, got "
+                f"{tuple(embeddings.shape)} and {tuple(probs.shape)}"
+            )
+        self.check_dims(embeddings.shape[1], probs.shape[1])
+        embeddings = embeddings.detach()
+        probs = probs.detach()
+        if self.pixels_per_step is not None and embeddings.shape[0] > self.pixels_per_step:
+            keep = torch.randperm(embeddings.shape[0], generator=generator, device=embeddings.device)
+            keep = keep[: self.pixels_per_step]
+            embeddings, probs = embeddings[keep], probs[keep]
+        rows = torch.cat([torch.nn.functional.normalize(embeddings.float(), dim=1), probs.float()], dim=1)
+        rows = all_gather_rows(rows)  # (n_total, D + E), identical on every rank
+        rows = rows[-self.size :]  # a batch larger than the bank keeps its newest rows
+        count = rows.shape[0]
+        if count == 0:
+            return 0
+        rows = rows.to(self.embeddings.device)
+        positions = (int(self.pointer) + torch.arange(count, device=self.embeddings.device)) % self.size
+        self.embeddings[positions] = rows[:, : self.embedding_dim].to(self.embeddings.dtype)
+        self.probs[positions] = rows[:, self.embedding_dim :].to(self.probs.dtype)
+        self.pointer.fill_((int(self.pointer) + count) % self.size)
+        self.filled.fill_(min(self.size, int(self.filled) + count))
+        return count

@@ -1,0 +1,111 @@
+"""Memory-bounded sampled log-sum-exp: a ``torch.autograd.Function`` that recomputes in backward.
+
+Forward walks over blocks of anchors, gathers each block's negatives ``(c, R, D)``, reduces them
+to one log-sum-exp per anchor and throws the block away. It saves only the inputs (which the
+caller holds anyway), the ``(A, R)`` indices and the ``(A,)`` log-sum-exp. Backward walks the same
+blocks again, recomputes the similarities, and forms
+
+.. math::
+    \\pi_{a,r} = \\exp(\\mathrm{scale}\\,\\langle x_a, m_{i_{a,r}}\\rangle - \\mathrm{lse}_a),\\qquad
+    \\frac{\\partial L}{\\partial x_a} = g_a\\,\\mathrm{scale}\\sum_r \\pi_{a,r}\\, m_{i_{a,r}},\\qquad
+    \\frac{\\partial L}{\\partial m_j} = \\mathrm{scale}\\sum_{(a,r):\\, i_{a,r}=j} g_a\\,\\pi_{a,r}\\, x_a,
+
+the second accumulated with ``index_add_`` so a pool row sampled many times gets every
+contribution. Peak extra memory is one block, independent of ``A``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["sampled_logsumexp_chunked", "default_block_size", "accumulation_dtype"]
+
+_TARGET_BLOCK_BYTES = 2 * 1024 * 1024  # one gathered block of negatives, sized to stay in cache
+
+
+def default_block_size(num_negatives: int, dim: int) -> int:
+    """Anchors per block so that one gathered ``(c, R, D)`` float32 block is about 2 MiB."""
+    return max(1, _TARGET_BLOCK_BYTES // max(1, 4 * num_negatives * dim))
+
+
+def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float64 when any input is float64, float32 otherwise (half inputs accumulate in float32)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+class _SampledLogSumExp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, anchors: Tensor, pool: Tensor, negative_index: Tensor, scale: float, block_size: int):
+        accumulate = accumulation_dtype(anchors.dtype, pool.dtype)
+        anchors32 = anchors.to(accumulate).contiguous()  # (A, D)
+        pool32 = pool.to(accumulate).contiguous()  # (M, D)
+        index = negative_index.contiguous()  # (A, R)
+        num_anchors = anchors32.shape[0]
+        lse = torch.empty(num_anchors, dtype=accumulate, device=anchors.device)  # (A,)
+        for start in range(0, num_anchors, block_size):
+            stop = min(start + block_size, num_anchors)
+            negatives = pool32[index[start:stop]]  # (c, R, D)
+            similarities = torch.bmm(negatives, anchors32[start:stop, :, None]).squeeze(-1) * scale  # (c, R)
+            lse[start:stop] = torch.logsumexp(similarities, dim=1)
+        ctx.save_for_backward(anchors, pool, index, lse)
+        ctx.scale = scale
+        ctx.block_size = block_size
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad_lse: Tensor):
+        anchors, pool, index, lse = ctx.saved_tensors
+        scale, block_size = ctx.scale, ctx.block_size
+        need_anchor_grad, need_pool_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        accumulate = lse.dtype
+        anchors32 = anchors.to(accumulate).contiguous()
+        pool32 = pool.to(accumulate).contiguous()
+        grad_lse = grad_lse.to(accumulate)
+        grad_anchors = torch.zeros_like(anchors32) if need_anchor_grad else None  # (A, D)
+        grad_pool = torch.zeros_like(pool32) if need_pool_grad else None  # (M, D)
+        for start in range(0, anchors32.shape[0], block_size):
+            stop = min(start + block_size, anchors32.shape[0])
+            block_index = index[start:stop]  # (c, R)
+            negatives = pool32[block_index]  # (c, R, D)
+            block_anchors = anchors32[start:stop]  # (c, D)
+            similarities = torch.bmm(negatives, block_anchors[:, :, None]).squeeze(-1) * scale  # (c, R)
+            weights = torch.exp(similarities - lse[start:stop, None])  # (c, R), softmax over R
+            weights = weights * (grad_lse[start:stop, None] * scale)  # (c, R)
+            if grad_anchors is not None:
+                grad_anchors[start:stop] = torch.bmm(weights[:, None, :], negatives).squeeze(1)  # (c, D)
+            if grad_pool is not None:
+                contributions = weights[:, :, None] * block_anchors[:, None, :]  # (c, R, D)
+                grad_pool.index_add_(0, block_index.reshape(-1), contributions.reshape(-1, pool32.shape[1]))
+        if grad_anchors is not None:
+            grad_anchors = grad_anchors.to(anchors.dtype)
+        if grad_pool is not None:
+            grad_pool = grad_pool.to(pool.dtype)
+        return grad_anchors, grad_pool, None, None, None
+
+
+def sampled_logsumexp_chunked(
+    anchors: Tensor, pool: Tensor, negative_index: Tensor, scale: float, block_size: int | None = None
+) -> Tensor:
+    r"""Memory-bounded equivalent of :func:`~instcontrast.ops.reference.sampled_logsumexp_reference`.
+
+    .. math::
+        \mathrm{lse}_a = \log \sum_{r=1}^{R} \exp\big(\mathrm{scale}\cdot\langle x_a, m_{i_{a,r}}\rangle\big)
+
+    Args:
+        anchors: anchor embeddings.
+        pool: candidate embeddings that the indices point into.
+        negative_index: for each anchor, ``R`` row indices into ``pool``.
+        scale: multiplier of the dot products (``1 / temperature``).
+        block_size: anchors per block; default keeps one gathered block near 2 MiB.
+
+    Shape:
+        - anchors: :math:`(A, D)`; pool: :math:`(M, D)`; negative_index: :math:`(A, R)`
+        - output: :math:`(A,)`, float32 (float64 for float64 inputs)
+
+    Returns:
+        The per-anchor log-sum-exp, differentiable with respect to ``anchors`` and ``pool``.
+    """
+    if block_size is None:
+        block_size = default_block_size(negative_index.shape[1], anchors.shape[1])
+    return _SampledLogSumExp.apply(anchors, pool, negative_index, float(scale), int(block_size))
