@@ -1,11 +1,11 @@
-"""``torch.distributed`` helpers: variable-length, autograd-aware all-gather of pixel rows.
+r"""``torch.distributed`` helpers: variable-length, autograd-aware all-gather of pixel rows.
 
 Every function is the identity when no process group is initialized (or the world has one rank),
 so single-process code needs no special case.
 
 Gradient convention: :func:`all_gather_rows_with_grad` returns, in backward, the *sum over ranks*
 of the gradients that reach a rank's own rows (``all_reduce(SUM)`` then slice). Each rank's loss
-uses every rank's rows, so this is the gradient of :math:`\\sum_r L_r`; DDP's ``1/W`` averaging
+uses every rank's rows, so this is the gradient of :math:`\sum_r L_r`; DDP's ``1/W`` averaging
 of parameter gradients then gives exactly the gradient of the mean loss that one process would
 compute on the concatenated batch (equal anchors per rank) — no stray factor of ``W``.
 """
@@ -53,10 +53,10 @@ def gathered_offset(count: int, device: torch.device | None = None) -> int:
 
 @torch.no_grad()
 def all_gather_rows(rows: Tensor) -> Tensor:
-    """Concatenate every rank's rows in rank order (rows may differ in number across ranks).
+    r"""Concatenate every rank's rows in rank order (rows may differ in number across ranks).
 
     Shape:
-        - rows: :math:`(n_r, \\ldots)` on rank ``r``; output :math:`(\\sum_r n_r, \\ldots)`
+        - rows: :math:`(n_r, \ldots)` on rank ``r``; output :math:`(\sum_r n_r, \ldots)`
     """
     _, world = world_info()
     if world == 1:
@@ -81,10 +81,10 @@ class _AllGatherRows(torch.autograd.Function):
 
 
 def all_gather_rows_with_grad(rows: Tensor) -> Tensor:
-    """Like :func:`all_gather_rows`, but gradients flow back to the rank that owns each row.
+    r"""Like :func:`all_gather_rows`, but gradients flow back to the rank that owns each row.
 
     Shape:
-        - rows: :math:`(n_r, \\ldots)` on rank ``r``; output :math:`(\\sum_r n_r, \\ldots)`
+        - rows: :math:`(n_r, \ldots)` on rank ``r``; output :math:`(\sum_r n_r, \ldots)`
 
     Returns:
         The rank-ordered concatenation; in backward each rank receives the sum over ranks of the

@@ -1,4 +1,4 @@
-"""Alignment of weak / strong views onto one grid.
+r"""Alignment of weak / strong views onto one grid.
 
 A view is described by the crop it took from the original image and whether it was flipped
 horizontally afterwards. Boxes are ``(x0, y0, x1, y1)`` in *normalized original-image

@@ -1,4 +1,4 @@
-"""Memory-bounded sampled log-sum-exp: a ``torch.autograd.Function`` that recomputes in backward.
+r"""Memory-bounded sampled log-sum-exp: a ``torch.autograd.Function`` that recomputes in backward.
 
 Forward walks over blocks of anchors, gathers each block's negatives ``(c, R, D)``, reduces them
 to one log-sum-exp per anchor and throws the block away. It saves only the inputs (which the
@@ -6,9 +6,9 @@ caller holds anyway), the ``(A, R)`` indices and the ``(A,)`` log-sum-exp. Backw
 blocks again, recomputes the similarities, and forms
 
 .. math::
-    \\pi_{a,r} = \\exp(\\mathrm{scale}\\,\\langle x_a, m_{i_{a,r}}\\rangle - \\mathrm{lse}_a),\\qquad
-    \\frac{\\partial L}{\\partial x_a} = g_a\\,\\mathrm{scale}\\sum_r \\pi_{a,r}\\, m_{i_{a,r}},\\qquad
-    \\frac{\\partial L}{\\partial m_j} = \\mathrm{scale}\\sum_{(a,r):\\, i_{a,r}=j} g_a\\,\\pi_{a,r}\\, x_a,
+    \pi_{a,r} = \exp(\mathrm{scale}\,\langle x_a, m_{i_{a,r}}\rangle - \mathrm{lse}_a),\qquad
+    \frac{\partial L}{\partial x_a} = g_a\,\mathrm{scale}\sum_r \pi_{a,r}\, m_{i_{a,r}},\qquad
+    \frac{\partial L}{\partial m_j} = \mathrm{scale}\sum_{(a,r):\, i_{a,r}=j} g_a\,\pi_{a,r}\, x_a,
 
 the second accumulated with ``index_add_`` so a pool row sampled many times gets every
 contribution. Peak extra memory is one block, independent of ``A``.

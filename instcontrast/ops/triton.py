@@ -53,7 +53,8 @@ _MAX_BLOCK_D = 256  # wider embeddings loop over D tiles
 _GPU_TILE_ELEMENTS = 4096  # BLOCK_A * BLOCK_R * BLOCK_D for a compiled kernel (register budget)
 _GPU_MAX_BLOCK_R = 32
 _GPU_MAX_BLOCK_A = 16
-_INTERPRETER_TILE_ELEMENTS = 1 << 17  # the interpreter runs each program in numpy: fewer, larger tiles
+_INTERPRETER_TILE_ELEMENTS = 1 << 20  # the interpreter runs each program in numpy: fewer, larger tiles
+_MAX_TILE_ELEMENTS = 1 << 20  # Triton's limit on the elements of one block tensor
 _INTERPRETER_MAX_BLOCK_R = 256
 _INTERPRETER_MAX_BLOCK_A = 64
 
@@ -242,6 +243,11 @@ def _launch_config(
         block_r = max(1, min(_next_power_of_two(num_negatives), max_block_r, budget // block_d))
     if block_a is None:
         block_a = max(1, min(_next_power_of_two(num_anchors), max_block_a, budget // (block_r * block_d)))
+    if block_a * block_r * block_d > _MAX_TILE_ELEMENTS:
+        raise ValueError(
+            f"block_a * block_r * block_d must be at most {_MAX_TILE_ELEMENTS} (Triton's block limit), got "
+            f"{block_a} * {block_r} * {block_d}"
+        )
     num_warps = 8 if block_a * block_r * block_d > 4096 else 4
     return block_a, block_r, block_d, num_warps
 
@@ -418,7 +424,8 @@ def sampled_logsumexp_triton(
     Raises:
         TypeError: for a non-floating (or unsupported) embedding dtype or a non-integer index.
         ValueError: for mismatched shapes or devices, indices outside ``[0, M)``, a block size that
-            is not a power of two, or CPU tensors without ``TRITON_INTERPRET=1``.
+            is not a power of two (or blocks over :math:`2^{20}` elements together), or CPU tensors
+            without ``TRITON_INTERPRET=1``.
     """
     for name, value in (("block_a", block_a), ("block_r", block_r), ("block_d", block_d)):
         _check_block(name, value)

@@ -1,0 +1,84 @@
+"""The sampler draws exactly from s / Σ s, never samples the anchor itself, and reports fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from instcontrast.functional import SCORES, STRATEGIES, debias_score, fused_probability
+from instcontrast.sampler import InstanceAwareSampler
+
+
+def _small_pool(seed: int, strategy: str) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    mask_logits = 2.0 * torch.randn(1, 3, 3, 4, generator=generator)  # 12 pixels
+    class_logits = 2.0 * torch.randn(1, 3, 4, generator=generator)
+    return fused_probability(mask_logits, class_logits, strategy=strategy)[0]  # (12, E)
+
+
+@pytest.mark.parametrize("score", SCORES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_empirical_frequencies_match_brute_force_distribution(strategy: str, score: str) -> None:
+    probs = _small_pool(1, "fusion" if strategy == "uniform" else strategy)
+    pool_size = probs.shape[0]
+    anchors = torch.tensor([0, 5])
+    draws = 6000
+    sampler = InstanceAwareSampler(num_negatives=draws, strategy=strategy, score=score, max_rounds=50)
+    out = sampler(probs[anchors], probs, anchors, generator=torch.Generator().manual_seed(2))
+    assert out.fallbacks == 0
+    for row, anchor in enumerate(anchors.tolist()):
+        if strategy == "uniform":
+            weights = torch.ones(pool_size, dtype=torch.float64)
+        else:
+            weights = debias_score(probs[anchor][None].double(), probs.double(), score)
+        weights[anchor] = 0.0
+        expected = weights / weights.sum() * draws
+        observed = torch.bincount(out.index[row], minlength=pool_size).double()
+        assert observed[anchor] == 0
+        support = expected > 0
+        assert observed[~support].sum() == 0
+        result = chisquare(observed[support].numpy(), expected[support].numpy())
+        assert result.pvalue > 1e-3, (strategy, score, observed, expected)
+
+
+def test_sampling_is_reproducible_with_a_generator() -> None:
+    probs = _small_pool(3, "fusion")
+    sampler = InstanceAwareSampler(num_negatives=17)
+    first = sampler(probs, probs, torch.arange(12), generator=torch.Generator().manual_seed(4))
+    second = sampler(probs, probs, torch.arange(12), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(first.index, second.index)
+
+
+def test_negatives_may_exceed_the_pool_size() -> None:
+    probs = _small_pool(5, "fusion")
+    out = InstanceAwareSampler(num_negatives=100)(probs[:2], probs, torch.arange(2))
+    assert out.index.shape == (2, 100)
+    assert out.index.min() >= 0 and out.index.max() < 12
+
+
+def test_a_pool_with_all_zero_scores_falls_back_to_uniform_and_says_so() -> None:
+    probs = torch.nn.functional.normalize(torch.ones(10, 4), dim=1)  # one instance everywhere: s == 0
+    out = InstanceAwareSampler(num_negatives=8, max_rounds=3)(probs[:4], probs, torch.arange(4))
+    assert out.fallbacks == 4 * 8
+    assert out.fallback_anchors == 4
+    assert (out.index != torch.arange(4)[:, None]).all()  # the fallback still excludes the anchor
+
+
+def test_anchor_outside_the_pool_can_sample_any_row() -> None:
+    probs = _small_pool(6, "fusion")
+    out = InstanceAwareSampler(num_negatives=2000, strategy="uniform")(None, None, torch.tensor([-1]), pool_size=12)
+    assert torch.bincount(out.index[0], minlength=12).min() > 0
+
+
+def test_invalid_arguments_raise() -> None:
+    with pytest.raises(ValueError, match="num_negatives"):
+        InstanceAwareSampler(num_negatives=0)
+    with pytest.raises(ValueError, match="strategy"):
+        InstanceAwareSampler(strategy="random")
+    probs = _small_pool(7, "fusion")
+    sampler = InstanceAwareSampler(num_negatives=3)
+    with pytest.raises(ValueError, match="at least 2"):
+        sampler(probs[:1], probs[:1], torch.tensor([0]))
+    with pytest.raises(ValueError, match="pool_probs"):
+        sampler(probs[:2], probs[:, :3], torch.arange(2))
