@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from _scenes import make_instance_scene, predictions_from_scene
 from instcontrast import InstanceAwarePixelContrast
+from instcontrast.synthetic import noisy_predictions, touching_instances
 
 QUERIES, CLASSES, DIM = 8, 3, 16
 
 
 def _setup(seed: int = 0):
-    ids, classes = make_instance_scene(batch=2, height=12, width=12, columns=2, rows=2, num_classes=CLASSES, seed=seed)
+    ids, classes = touching_instances(batch=2, height=12, width=12, columns=2, rows=2, num_classes=CLASSES, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     centroids = torch.randn(2, 4, DIM, generator=generator)  # (B, instances, D)
     z = centroids[torch.arange(2)[:, None, None], ids]  # (B, H, W, D)
@@ -40,7 +40,7 @@ def _true_margin(z_weak: torch.Tensor, z_strong: torch.Tensor, ids: torch.Tensor
 def _margin_rise(step: float, confidence: float, strategy: str = "fusion") -> tuple[float, float]:
     """(rise of the ground-truth margin after one SGD step of per-pixel size ``step``, p)."""
     ids, classes, z_weak, z_strong = _setup()
-    mask_logits, class_logits = predictions_from_scene(ids, classes, QUERIES, CLASSES, confidence)
+    mask_logits, class_logits = noisy_predictions(ids, classes, QUERIES, CLASSES, confidence)
     weak = z_weak.clone().requires_grad_()
     crit = InstanceAwarePixelContrast(temperature=0.2, num_negatives=64, strategy=strategy)
     out = crit(weak, z_strong, mask_logits, class_logits, instance_ids=ids, generator=torch.Generator().manual_seed(1))

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up (idempotent), run the whole test suite, then build the docs with warnings as errors.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/python -m pytest -n 2 --dist loadfile -q tests "$@"
+.venv/bin/python -m sphinx -W --keep-going -q -b html docs docs/_build/html
+echo "docs built: docs/_build/html/index.html"
