@@ -3,9 +3,10 @@
 Forward runs one program per block of ``BLOCK_A`` anchors. Each program walks the ``R`` sampled
 negatives in tiles of ``BLOCK_R``, gathers the indexed pool rows straight from global memory
 (``D`` in tiles of ``BLOCK_D``, the tail masked), forms the dot products and folds them into an
-online (running-maximum) log-sum-exp kept in float32. Nothing of size ``(A, R)`` or ``(A, R, D)``
-ever reaches global memory: forward saves the inputs, the ``(A, R)`` indices and the ``(A,)``
-log-sum-exp. Backward walks the same tiles again, recomputes the similarities, and forms
+online (running-maximum) log-sum-exp kept in float32 (float64 for float64 inputs). Nothing of size
+``(A, R)`` or ``(A, R, D)`` ever reaches global memory: forward saves the inputs, the ``(A, R)``
+indices and the ``(A,)`` log-sum-exp. Backward walks the same tiles again, recomputes the
+similarities, and forms
 
 .. math::
     \\pi_{a,r} = \\exp(\\mathrm{scale}\\,\\langle x_a, m_{i_{a,r}}\\rangle - \\mathrm{lse}_a),\\qquad
@@ -18,8 +19,9 @@ gradient is not bitwise deterministic from run to run on a GPU (it is equal up t
 rounding). See ``docs/triton.rst`` for the design.
 
 The kernels need CUDA tensors, or ``TRITON_INTERPRET=1`` in the environment, which runs them in
-Triton's interpreter on CPU tensors (that is how the tests exercise them). The variable is read
-when the kernels are first launched (and again whenever its value changes), not at import time.
+Triton's interpreter on CPU tensors (that is how the tests exercise them). Triton reads the variable
+when it wraps a function with ``triton.jit``, which for its own library happens when ``triton`` is
+imported: the variable must be set before the first ``import triton`` in the process.
 
 Importing this module without Triton installed raises :class:`ImportError` naming the extra to
 install.
@@ -27,13 +29,14 @@ install.
 
 from __future__ import annotations
 
-import os
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .._backend import TRITON_INSTALL_HINT
+from .chunked import accumulation_dtype
 
 try:
     import triton
@@ -60,11 +63,11 @@ _INTERPRETER_MAX_BLOCK_A = 64
 
 
 # --------------------------------------------------------------------------------------------------
-# Kernels. They are plain functions here and wrapped with ``triton.jit`` lazily (see ``_kernels``), so
-# that the choice between the compiler and the interpreter follows ``TRITON_INTERPRET`` at launch time.
+# Kernels.
 # --------------------------------------------------------------------------------------------------
 
 
+@triton.jit
 def _sampled_lse_forward_kernel(
     anchors_ptr,  # (A, D), contiguous
     pool_ptr,  # (M, D), contiguous
@@ -115,6 +118,7 @@ def _sampled_lse_forward_kernel(
     tl.store(lse_ptr + offs_a, m_i + tl.log(l_i), mask=a_mask)
 
 
+@triton.jit
 def _sampled_lse_backward_kernel(
     anchors_ptr,  # (A, D), contiguous
     pool_ptr,  # (M, D), contiguous
@@ -192,20 +196,25 @@ def _sampled_lse_backward_kernel(
                 )
 
 
-_KERNEL_CACHE: dict[str, tuple[Any, Any, bool]] = {}
+def _is_interpreted(function: Any) -> bool:
+    return type(function).__name__ == "InterpretedFunction"
 
 
-def _kernels() -> tuple[Any, Any, bool]:
-    """The jitted (forward, backward) kernels for the current ``TRITON_INTERPRET`` and whether they
-    run in the interpreter. ``triton.jit`` picks compiler or interpreter when it wraps a function,
-    so the wrapping is redone whenever the variable changes."""
-    key = os.environ.get("TRITON_INTERPRET", "")
-    if key not in _KERNEL_CACHE:
-        forward = triton.jit(_sampled_lse_forward_kernel)
-        backward = triton.jit(_sampled_lse_backward_kernel)
-        interpreted = type(forward).__name__ == "InterpretedFunction"
-        _KERNEL_CACHE[key] = (forward, backward, interpreted)
-    return _KERNEL_CACHE[key]
+def _interpreter_mode() -> bool:
+    """Whether the kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` when they were built).
+
+    Raises:
+        RuntimeError: when Triton's own library and these kernels were built in different modes
+            (the variable changed between ``import triton`` and the import of this module).
+    """
+    interpreted = _is_interpreted(_sampled_lse_forward_kernel)
+    library_function = getattr(getattr(tl, "standard", None), "sum", None)  # a jit'd function of Triton's
+    if library_function is not None and interpreted != _is_interpreted(library_function):
+        raise RuntimeError(
+            "TRITON_INTERPRET changed between `import triton` and `import instcontrast.ops.triton`; set it "
+            "before triton is first imported in the process"
+        )
+    return interpreted
 
 
 # --------------------------------------------------------------------------------------------------
@@ -233,7 +242,7 @@ def _launch_config(
 ) -> tuple[int, int, int, int]:
     """``(BLOCK_A, BLOCK_R, BLOCK_D, num_warps)``: ``BLOCK_D`` covers ``D`` up to 256 (wider
     embeddings loop over ``D`` tiles); ``BLOCK_R`` and then ``BLOCK_A`` fill a fixed budget of
-    ``BLOCK_A * BLOCK_R * BLOCK_D`` elements for the gathered tile."""
+    ``BLOCK_A * BLOCK_R * BLOCK_D`` elements for the gathered tile. Heuristics, not autotuned."""
     budget = _INTERPRETER_TILE_ELEMENTS if interpreted else _GPU_TILE_ELEMENTS
     max_block_r = _INTERPRETER_MAX_BLOCK_R if interpreted else _GPU_MAX_BLOCK_R
     max_block_a = _INTERPRETER_MAX_BLOCK_A if interpreted else _GPU_MAX_BLOCK_A
@@ -248,7 +257,9 @@ def _launch_config(
             f"block_a * block_r * block_d must be at most {_MAX_TILE_ELEMENTS} (Triton's block limit), got "
             f"{block_a} * {block_r} * {block_d}"
         )
-    num_warps = 8 if block_a * block_r * block_d > 4096 else 4
+    # About 16 tile elements per thread: a full 4096-element GPU tile gets 8 warps, which keeps the
+    # backward kernel at 128 registers per thread without spilling (ptxas, sm_90).
+    num_warps = max(1, min(8, (block_a * block_r * block_d) // 512))
     return block_a, block_r, block_d, num_warps
 
 
@@ -280,14 +291,15 @@ class _SampledLogSumExpTriton(torch.autograd.Function):
         scale: float,
         blocks: tuple[int | None, int | None, int | None],
     ) -> Tensor:
-        accumulate = torch.float64 if torch.float64 in (anchors.dtype, pool.dtype) else torch.float32
+        accumulate = accumulation_dtype(anchors.dtype, pool.dtype)
         anchors_c = anchors.detach().contiguous()  # (A, D)
         pool_c = pool.detach().contiguous()  # (M, D)
         index = negative_index.detach().contiguous()  # (A, R)
         num_anchors, num_negatives = index.shape
         dim = anchors_c.shape[1]
-        forward_kernel, _, interpreted = _kernels()
-        block_a, block_r, block_d, num_warps = _launch_config(num_anchors, num_negatives, dim, interpreted, *blocks)
+        block_a, block_r, block_d, num_warps = _launch_config(
+            num_anchors, num_negatives, dim, _interpreter_mode(), *blocks
+        )
         scale_hi, scale_lo = _split_scale(scale, accumulate)
         if num_negatives == 0:
             lse = torch.full((num_anchors,), float("-inf"), dtype=accumulate, device=anchors.device)
@@ -295,7 +307,7 @@ class _SampledLogSumExpTriton(torch.autograd.Function):
             lse = torch.empty(num_anchors, dtype=accumulate, device=anchors.device)  # (A,)
             if num_anchors > 0:
                 grid = (triton.cdiv(num_anchors, block_a),)
-                forward_kernel[grid](
+                _sampled_lse_forward_kernel[grid](
                     anchors_c, pool_c, index, lse, num_anchors, num_negatives, dim, scale_hi, scale_lo,
                     ACC_DTYPE=_triton_dtype(accumulate), BLOCK_A=block_a, BLOCK_R=block_r, BLOCK_D=block_d,
                     num_warps=num_warps,
@@ -322,9 +334,8 @@ class _SampledLogSumExpTriton(torch.autograd.Function):
         grad_pool = torch.zeros(pool.shape, dtype=accumulate, device=pool.device) if need_pool_grad else lse
         num_anchors, num_negatives = index.shape
         if num_anchors > 0 and num_negatives > 0:
-            _, backward_kernel, _ = _kernels()
             grid = (triton.cdiv(num_anchors, block_a),)
-            backward_kernel[grid](
+            _sampled_lse_backward_kernel[grid](
                 anchors, pool, index, lse, grad_lse, grad_anchors, grad_pool,
                 num_anchors, num_negatives, anchors.shape[1], scale_hi, scale_lo,
                 ANCHOR_GRAD=bool(need_anchor_grad), POOL_GRAD=bool(need_pool_grad),
@@ -372,14 +383,32 @@ def _validate(anchors: Tensor, pool: Tensor, negative_index: Tensor, interpreted
     if not anchors.is_cuda and not interpreted:
         raise ValueError(
             f"the Triton kernel needs CUDA tensors, got tensors on {anchors.device}; use the 'chunked' backend on "
-            "CPU, or set TRITON_INTERPRET=1 to run the kernel in the Triton interpreter (for testing)"
+            "CPU, or set TRITON_INTERPRET=1 before triton is first imported to run the kernel in the Triton "
+            "interpreter (for testing)"
         )
     if negative_index.numel() > 0:
-        low, high = (int(v) for v in torch.aminmax(negative_index))
+        low, high = torch.stack(torch.aminmax(negative_index)).tolist()  # one synchronization
         if low < 0 or high >= pool.shape[0]:
             raise ValueError(
                 f"negative_index must lie in [0, {pool.shape[0]}) (rows of pool), got values in [{low}, {high}]"
             )
+
+
+def _check_determinism(pool: Tensor, on_gpu: bool) -> None:
+    """Follow ``torch.use_deterministic_algorithms``: the pool gradient's atomic scatter is not
+    bitwise reproducible on a GPU, so refuse it there (or warn, with ``warn_only=True``)."""
+    if not (on_gpu and pool.requires_grad and torch.is_grad_enabled()):
+        return
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    message = (
+        "sampled_logsumexp_triton accumulates the pool gradient with atomic adds, which is not deterministic, "
+        "but torch.use_deterministic_algorithms(True) is set; use backend='chunked' (or detach the pool)"
+    )
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, UserWarning, stacklevel=3)
+    else:
+        raise RuntimeError(message)
 
 
 def sampled_logsumexp_triton(
@@ -426,9 +455,13 @@ def sampled_logsumexp_triton(
         ValueError: for mismatched shapes or devices, indices outside ``[0, M)``, a block size that
             is not a power of two (or blocks over :math:`2^{20}` elements together), or CPU tensors
             without ``TRITON_INTERPRET=1``.
+        RuntimeError: when ``TRITON_INTERPRET`` was set after ``triton`` had been imported, or
+            when ``torch.use_deterministic_algorithms(True)`` is on and the pool of CUDA inputs
+            requires a gradient (its atomic accumulation is not deterministic).
     """
     for name, value in (("block_a", block_a), ("block_r", block_r), ("block_d", block_d)):
         _check_block(name, value)
-    _, _, interpreted = _kernels()
+    interpreted = _interpreter_mode()
     _validate(anchors, pool, negative_index, interpreted)
+    _check_determinism(pool, on_gpu=pool.is_cuda and not interpreted)
     return _SampledLogSumExpTriton.apply(anchors, pool, negative_index, float(scale), (block_a, block_r, block_d))
