@@ -8,7 +8,8 @@
     :mod:`instcontrast.ops.triton`; fused GPU kernel. Needs Triton and CUDA tensors (or
     ``TRITON_INTERPRET=1``, which runs the kernels on CPU tensors for testing).
 ``"auto"``
-    Triton for CUDA tensors when Triton is importable, ``chunked`` otherwise. Never raises.
+    Triton for CUDA tensors when CUDA is present and the kernels import (checked once, here), and
+    deterministic algorithms are off; ``chunked`` otherwise. Never raises.
 
 The environment variable ``INSTCONTRAST_BACKEND`` overrides the requested name.
 """
@@ -20,9 +21,10 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import Tensor
 
-from .ops.chunked import sampled_logsumexp_chunked
+from .ops.chunked import sampled_logsumexp_blocked, sampled_logsumexp_chunked
 from .ops.reference import sampled_logsumexp_reference
 
 __all__ = ["BACKENDS", "Backend", "resolve_backend", "triton_is_available", "triton_interpret_enabled"]
@@ -40,8 +42,18 @@ def triton_is_available() -> bool:
 
 
 def triton_interpret_enabled() -> bool:
-    """Whether ``TRITON_INTERPRET=1`` is set, so Triton kernels run on CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether ``TRITON_INTERPRET`` is on (``1``/``true``/``on``/``yes``, as Triton reads it), so
+    Triton kernels run on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def _triton_kernels_import() -> bool:
+    """Whether the Triton kernel module imports (a broken Triton install makes this ``False``)."""
+    try:
+        from .ops import triton as _  # noqa: F401
+    except Exception:  # any import failure means: not usable
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -73,10 +85,16 @@ class Backend:
                     "in the Triton interpreter for testing)"
                 )
             return _triton_op()
-        # auto
-        if self.use_triton_on_cuda and tensor.is_cuda:
+        # auto: Triton's atomic pool-gradient is not deterministic, so deterministic mode keeps chunked
+        if self.use_triton_on_cuda and tensor.is_cuda and not torch.are_deterministic_algorithms_enabled():
             return _triton_op()
         return sampled_logsumexp_chunked
+
+
+    def uses_blocks(self, tensor: Tensor) -> bool:
+        """Whether inputs living where ``tensor`` lives run the ``chunked`` path, which can use the
+        sampler's candidate blocks (:func:`~instcontrast.ops.chunked.sampled_logsumexp_blocked`)."""
+        return self.op_for(tensor) is sampled_logsumexp_chunked
 
 
 def _triton_op() -> LogSumExpOp:
@@ -107,5 +125,6 @@ def resolve_backend(requested: str = "auto") -> Backend:
     if name == "triton" and not triton_is_available():
         raise ImportError(f"backend='triton' needs the triton package: {TRITON_INSTALL_HINT}")
     if name == "auto":
-        return Backend(requested=name, name="auto", use_triton_on_cuda=triton_is_available())
+        usable = triton_is_available() and torch.cuda.is_available() and _triton_kernels_import()
+        return Backend(requested=name, name="auto", use_triton_on_cuda=usable)
     return Backend(requested=name, name=name, use_triton_on_cuda=name == "triton")

@@ -8,14 +8,19 @@ temperature.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+if TYPE_CHECKING:
+    from .sampler import CandidateBlocks
+
 from ._backend import Backend, resolve_backend
 from ._checks import check_choice, check_positive, check_predictions
-from .ops.chunked import accumulation_dtype, default_block_size
+from .ops.chunked import accumulation_dtype, default_block_size, sampled_logsumexp_blocked
 
 __all__ = [
     "STRATEGIES",
@@ -177,6 +182,7 @@ def pixel_info_nce(
     temperature: float = 0.2,
     reduction: str = "mean",
     backend: str | Backend = "auto",
+    blocks: CandidateBlocks | None = None,
 ) -> Tensor:
     r"""Pixel InfoNCE (NT-Xent) over sampled negatives.
 
@@ -199,6 +205,10 @@ def pixel_info_nce(
         temperature: :math:`T > 0`.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         backend: ``"auto"``, ``"reference"``, ``"chunked"``, ``"triton"`` or a resolved backend.
+        blocks: the same negatives in the sampler's block form
+            (:attr:`NegativeSamples.blocks <instcontrast.sampler.NegativeSamples>`); the
+            ``chunked`` path then scores each block with matrix products instead of gathering
+            ``A·R`` rows. Must describe exactly ``negative_index``.
 
     Shape:
         - anchors, positives: :math:`(A, D)`; pool: :math:`(M, D)`; negative_index: :math:`(A, R)`
@@ -215,8 +225,11 @@ def pixel_info_nce(
     if anchors.shape[0] == 0:
         return _reduce(anchors_n.sum(dim=1) + positives.sum(dim=1) * 0 + pool.sum() * 0, reduction)
     positive_logit = (anchors_n * _normalized(positives)).sum(dim=-1) * scale  # (A,)
-    op = _resolve(backend).op_for(anchors)
-    negative_lse = op(anchors_n, _normalized(pool), negative_index, scale)  # (A,)
+    resolved = _resolve(backend)
+    if blocks is not None and resolved.uses_blocks(anchors):
+        negative_lse = sampled_logsumexp_blocked(anchors_n, _normalized(pool), blocks, scale)  # (A,)
+    else:
+        negative_lse = resolved.op_for(anchors)(anchors_n, _normalized(pool), negative_index, scale)  # (A,)
     per_anchor = F.softplus(negative_lse - positive_logit)  # (A,)
     return _reduce(per_anchor, reduction)
 
@@ -311,9 +324,16 @@ def false_negative_rate(anchor_ids: Tensor, negative_ids: Tensor, ignore_index: 
     return same.sum().double().div(total).float()
 
 
-def _sum_negative_cosine(anchors_n: Tensor, pool_n: Tensor, negative_index: Tensor) -> Tensor:
-    size = default_block_size(max(1, negative_index.shape[1]), anchors_n.shape[1])
+def _sum_negative_cosine(
+    anchors_n: Tensor, pool_n: Tensor, negative_index: Tensor, blocks: CandidateBlocks | None = None
+) -> Tensor:
     total = anchors_n.new_zeros(())
+    if blocks is not None:
+        for start, candidates, columns in zip(blocks.starts, blocks.candidates, blocks.columns):
+            scores = anchors_n[start : start + columns.shape[0]] @ pool_n[candidates].T  # (c, m)
+            total += scores.gather(1, columns).sum()
+        return total
+    size = default_block_size(max(1, negative_index.shape[1]), anchors_n.shape[1])
     for start in range(0, anchors_n.shape[0], size):
         block = negative_index[start : start + size]  # (c, R)
         total += torch.bmm(pool_n[block], anchors_n[start : start + size, :, None]).sum()
@@ -321,7 +341,9 @@ def _sum_negative_cosine(anchors_n: Tensor, pool_n: Tensor, negative_index: Tens
 
 
 @torch.no_grad()
-def empirical_margin(anchors: Tensor, positives: Tensor, pool: Tensor, negative_index: Tensor) -> Tensor:
+def empirical_margin(
+    anchors: Tensor, positives: Tensor, pool: Tensor, negative_index: Tensor, blocks: CandidateBlocks | None = None
+) -> Tensor:
     r"""Empirical margin between positive and negative cosine similarity.
 
     .. math::
@@ -334,6 +356,7 @@ def empirical_margin(anchors: Tensor, positives: Tensor, pool: Tensor, negative_
         positives: strong-view embeddings at the anchors' locations.
         pool: candidate negative embeddings.
         negative_index: sampled negatives, indices into ``pool``.
+        blocks: the same negatives in the sampler's block form (faster), optional.
 
     Shape:
         - anchors, positives: :math:`(A, D)`; pool: :math:`(M, D)`; negative_index: :math:`(A, R)`
@@ -347,5 +370,5 @@ def empirical_margin(anchors: Tensor, positives: Tensor, pool: Tensor, negative_
         return torch.tensor(float("nan"), device=anchors.device)
     anchors_n = _normalized(anchors)
     mean_positive = (anchors_n * _normalized(positives)).sum(dim=-1).mean()
-    total_negative = _sum_negative_cosine(anchors_n, _normalized(pool), negative_index)
+    total_negative = _sum_negative_cosine(anchors_n, _normalized(pool), negative_index, blocks)
     return (mean_positive - total_negative / negative_index.numel()).float()

@@ -284,7 +284,9 @@ class InstanceAwarePixelContrast(nn.Module):
         anchors = z_weak_flat[anchor_flat]  # (A, D)
         positives = z_strong_flat[anchor_flat]  # (A, D)
         if self.loss_type == "infonce":
-            loss = pixel_info_nce(anchors, positives, pool_z, samples.index, self.temperature, backend=self.backend)
+            loss = pixel_info_nce(
+                anchors, positives, pool_z, samples.index, self.temperature, backend=self.backend, blocks=samples.blocks
+            )
         else:
             loss = pixel_hinge(anchors, positives, pool_z, samples.index, self.margin)
 
@@ -324,7 +326,9 @@ class InstanceAwarePixelContrast(nn.Module):
         if self.compute_stats:
             with torch.no_grad():
                 positive_cos = F.cosine_similarity(anchors.detach().float(), positives.detach().float(), dim=1).mean()
-                margin = empirical_margin(anchors.detach(), positives.detach(), pool_z.detach(), samples.index)
+                margin = empirical_margin(
+                    anchors.detach(), positives.detach(), pool_z.detach(), samples.index, samples.blocks
+                )
             stats.positive_cosine = float(positive_cos)
             stats.margin = float(margin)
             stats.negative_cosine = stats.positive_cosine - stats.margin

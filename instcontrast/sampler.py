@@ -30,9 +30,34 @@ from torch import Tensor
 from ._checks import check_choice, check_positive
 from .functional import SCORES, STRATEGIES, transform_score
 
-__all__ = ["InstanceAwareSampler", "NegativeSamples"]
+__all__ = ["InstanceAwareSampler", "NegativeSamples", "CandidateBlocks"]
 
-_BLOCK_ELEMENTS = 1 << 22  # anchors × candidates scored at once (16 MiB of float32 scores)
+_BLOCK_ELEMENTS = 1 << 20  # anchors × candidates scored at once (4 MiB of float32 scores: cache-friendly)
+
+
+@dataclass(frozen=True)
+class CandidateBlocks:
+    """Negatives stored per block of anchors as columns into a shared candidate list.
+
+    Anchors ``[starts[b], starts[b] + columns[b].shape[0])`` draw their negatives from
+    ``candidates[b]`` (pool indices, ``(m_b,)``); ``columns[b]`` (``(c_b, R)``) holds each anchor's
+    chosen positions in that list. This is how the sampler produces them, and it lets the
+    ``chunked`` backend score a whole block with one matrix product instead of gathering
+    ``c_b · R`` embedding rows.
+
+    Attributes:
+        starts: first anchor of each block.
+        candidates: per block, the candidate pool indices.
+        columns: per block, each anchor's negatives as positions in ``candidates[b]``.
+    """
+
+    starts: tuple[int, ...]
+    candidates: tuple[Tensor, ...]
+    columns: tuple[Tensor, ...]
+
+    def to_index(self) -> Tensor:
+        """The negatives as pool indices, ``(A, R)``."""
+        return torch.cat([cand[cols] for cand, cols in zip(self.candidates, self.columns)], dim=0)
 
 
 @dataclass(frozen=True)
@@ -41,14 +66,16 @@ class NegativeSamples:
 
     Attributes:
         index: for each anchor, ``R`` indices into the pool, ``(A, R)`` int64.
+        blocks: the same negatives in block form (:class:`CandidateBlocks`), or ``None``.
         proposals: candidates scored in total.
         accepted: proposals accepted; ``accepted / proposals`` estimates the mean score.
         fallbacks: slots filled by the uniform fallback (0 for an exact sample).
         fallback_anchors: anchors with at least one fallback slot.
-        rounds: proposal rounds run.
+        rounds: proposal rounds run (the most any block needed).
     """
 
     index: Tensor
+    blocks: CandidateBlocks | None = None
     proposals: int = 0
     accepted: int = 0
     fallbacks: int = 0
@@ -57,7 +84,7 @@ class NegativeSamples:
 
     @property
     def acceptance_rate(self) -> float:
-        """Accepted / proposed (1.0 for uniform sampling, which proposes nothing to reject)."""
+        """Accepted / proposed (1.0 when nothing was proposed)."""
         return self.accepted / self.proposals if self.proposals else 1.0
 
 
@@ -65,11 +92,10 @@ def _uniform_excluding(anchor_pool_index: Tensor, pool_size: int, shape: tuple[i
     """Uniform draws over ``range(pool_size)`` (``>= 2``) minus each row's own index (if in the pool)."""
     device = anchor_pool_index.device
     own = anchor_pool_index[:, None]  # (A, 1)
-    in_pool = own >= 0
     draws = torch.randint(0, pool_size - 1, shape, generator=generator, device=device)  # (A, R)
     shifted = draws + (draws >= own).long()  # skip the anchor's own slot
     full = torch.randint(0, pool_size, shape, generator=generator, device=device)
-    return torch.where(in_pool, shifted, full)
+    return torch.where(own >= 0, shifted, full)
 
 
 class InstanceAwareSampler:
@@ -84,6 +110,10 @@ class InstanceAwareSampler:
         max_rounds: proposal rounds before the uniform fallback.
         max_proposals_per_slot: cap on candidates scored per missing slot in one round (bounds the
             work when acceptance is tiny).
+        uniform_acceptance: for ``"uniform"``, the constant acceptance probability. Uniform sampling
+            runs through the same blocked proposals (thinning an i.i.d. uniform sequence with
+            independent coins keeps it i.i.d. uniform), so that both strategies produce the same
+            block structure and cost the same in the loss.
 
     Example:
         >>> sampler = InstanceAwareSampler(num_negatives=4)
@@ -100,6 +130,7 @@ class InstanceAwareSampler:
         score: str = "linear",
         max_rounds: int = 8,
         max_proposals_per_slot: int = 32,
+        uniform_acceptance: float = 0.5,
     ) -> None:
         check_positive("num_negatives", num_negatives, integer=True)
         check_positive("max_rounds", max_rounds, integer=True)
@@ -109,6 +140,9 @@ class InstanceAwareSampler:
         self.score = check_choice("score", score, SCORES)
         self.max_rounds = max_rounds
         self.max_proposals_per_slot = max_proposals_per_slot
+        if not 0.0 < uniform_acceptance <= 1.0:
+            raise ValueError(f"uniform_acceptance must be in (0, 1], got {uniform_acceptance!r}")
+        self.uniform_acceptance = float(uniform_acceptance)
 
     def __repr__(self) -> str:
         return (
@@ -155,74 +189,133 @@ class InstanceAwareSampler:
             pool_size = pool_probs.shape[0]
         if pool_size < 2:
             raise ValueError(f"the candidate pool needs at least 2 entries to sample negatives, got {pool_size}")
-        shape = (num_anchors, self.num_negatives)
+        if self.strategy != "uniform":
+            if anchor_probs is None or pool_probs is None:
+                raise ValueError(f"strategy={self.strategy!r} needs anchor_probs (A, E) and pool_probs (M, E)")
+            if anchor_probs.ndim != 2 or anchor_probs.shape[0] != num_anchors:
+                raise ValueError(
+                    f"anchor_probs must have shape (A, E) with A = {num_anchors}, got {tuple(anchor_probs.shape)}"
+                )
+            if pool_probs.ndim != 2 or pool_probs.shape[1] != anchor_probs.shape[1] or pool_probs.shape[0] != pool_size:
+                raise ValueError(
+                    f"pool_probs must have shape (M, E) = ({pool_size}, {anchor_probs.shape[1]}), got {tuple(pool_probs.shape)}"
+                )
+        return self._rejection_sample(anchor_probs, pool_probs, anchor_pool_index, pool_size, generator)
+
+    def _accept(
+        self,
+        anchor_probs: Tensor | None,
+        pool_probs: Tensor | None,
+        rows: Tensor,
+        own: Tensor,
+        candidates: Tensor,
+        pool_size: int,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        r"""One coin per (anchor row, candidate): ``True`` with probability ``s(row, candidate)``, ``(c, m)``.
+
+        With a uniform coin :math:`u`, :math:`u < g(1 - \langle\hat y_p, \hat y_q\rangle)` is tested as
+        :math:`\langle\hat y_p, \hat y_q\rangle + g^{-1}(u) < 1`, so the score matrix is never
+        transformed: :math:`g^{-1}(u) = u` (linear), :math:`\sqrt u` (squared), :math:`u^2` (sqrt).
+        """
+        shape = (rows.numel(), candidates.numel())
+        coins = torch.rand(shape, generator=generator, device=rows.device)  # (c, m)
         if self.strategy == "uniform":
-            index = _uniform_excluding(anchor_pool_index, pool_size, shape, generator)
-            return NegativeSamples(index=index)
-        if anchor_probs is None or pool_probs is None:
-            raise ValueError(f"strategy={self.strategy!r} needs anchor_probs (A, E) and pool_probs (M, E)")
-        if anchor_probs.ndim != 2 or anchor_probs.shape[0] != num_anchors:
-            raise ValueError(f"anchor_probs must have shape (A, E) with A = {num_anchors}, got {tuple(anchor_probs.shape)}")
-        if pool_probs.ndim != 2 or pool_probs.shape[1] != anchor_probs.shape[1] or pool_probs.shape[0] != pool_size:
-            raise ValueError(
-                f"pool_probs must have shape (M, E) = ({pool_size}, {anchor_probs.shape[1]}), got {tuple(pool_probs.shape)}"
-            )
-        return self._rejection_sample(anchor_probs, pool_probs, anchor_pool_index, generator)
+            accept = coins < self.uniform_acceptance
+        else:
+            if self.score == "squared":
+                coins.sqrt_()
+            elif self.score == "sqrt":
+                coins.square_()
+            similarity = torch.addmm(coins, anchor_probs[rows], pool_probs[candidates].T)  # (c, m): <ŷp, ŷq> + g⁻¹(u)
+            accept = similarity < 1.0
+        # the anchor itself has s = 0: find candidates that are one of these rows' own pool entry
+        in_pool = own >= 0
+        row_of_entry = torch.full((pool_size,), -1, dtype=torch.long, device=rows.device)  # (M,)
+        row_of_entry[own[in_pool]] = torch.arange(rows.numel(), device=rows.device)[in_pool]
+        hit_row = row_of_entry[candidates]  # (m,)
+        hit_column = (hit_row >= 0).nonzero(as_tuple=True)[0]
+        accept[hit_row[hit_column], hit_column] = False
+        return accept
 
     def _rejection_sample(
-        self, anchor_probs: Tensor, pool_probs: Tensor, anchor_pool_index: Tensor, generator: torch.Generator | None
+        self,
+        anchor_probs: Tensor | None,
+        pool_probs: Tensor | None,
+        anchor_pool_index: Tensor,
+        pool_size: int,
+        generator: torch.Generator | None,
     ) -> NegativeSamples:
-        device = anchor_probs.device
-        num_anchors, num_negatives = anchor_probs.shape[0], self.num_negatives
-        pool_size = pool_probs.shape[0]
-        index = torch.full((num_anchors, num_negatives), -1, dtype=torch.long, device=device)  # (A, R)
-        filled = torch.zeros(num_anchors, dtype=torch.long, device=device)  # (A,)
-        pending = torch.arange(num_anchors, device=device)  # anchors still short
-        acceptance_estimate = 0.5
-        proposals = accepted = rounds = 0
-        while pending.numel() > 0 and rounds < self.max_rounds:
-            rounds += 1
-            missing = num_negatives - filled[pending]  # (P,)
-            max_missing = int(missing.max())
-            # enough candidates that a typical row fills in one round, with a safety factor
-            wanted = math.ceil(1.25 * max_missing / max(acceptance_estimate, 1e-6)) + 16
-            num_candidates = min(wanted, self.max_proposals_per_slot * max_missing)
-            block = max(1, _BLOCK_ELEMENTS // num_candidates)
-            round_accepted = round_proposed = 0
-            for start in range(0, pending.numel(), block):
-                rows = pending[start : start + block]  # (c,)
+        device = anchor_pool_index.device
+        num_anchors, num_negatives = anchor_pool_index.shape[0], self.num_negatives
+        acceptance_estimate = self.uniform_acceptance if self.strategy == "uniform" else 0.5
+        starts, block_candidates, block_columns = [], [], []
+        proposals = accepted = max_rounds_used = fallbacks = fallback_anchors = 0
+        start = 0
+        while start < num_anchors:
+            first_round = math.ceil(1.25 * num_negatives / acceptance_estimate) + 16
+            first_round = min(first_round, self.max_proposals_per_slot * num_negatives)
+            stop = min(num_anchors, start + max(1, _BLOCK_ELEMENTS // first_round))
+            size = stop - start
+            own = anchor_pool_index[start:stop]  # (c,)
+            columns = torch.full((size, num_negatives), -1, dtype=torch.long, device=device)  # (c, R)
+            filled = torch.zeros(size, dtype=torch.long, device=device)  # (c,)
+            pending = torch.arange(size, device=device)  # local rows still short
+            candidate_parts: list[Tensor] = []
+            offset = rounds = 0
+            while pending.numel() > 0 and rounds < self.max_rounds:
+                rounds += 1
+                max_missing = int(num_negatives - filled[pending].min())
+                wanted = math.ceil(1.25 * max_missing / acceptance_estimate) + 16
+                num_candidates = min(wanted, self.max_proposals_per_slot * max_missing)
                 candidates = torch.randint(0, pool_size, (num_candidates,), generator=generator, device=device)  # (m,)
-                similarity = anchor_probs[rows] @ pool_probs[candidates].T  # (c, m)
-                scores = transform_score(similarity.neg_().add_(1.0).clamp_(0.0, 1.0), self.score)  # (c, m)
-                scores.masked_fill_(candidates[None, :] == anchor_pool_index[rows, None], 0.0)
-                coins = torch.rand(scores.shape, generator=generator, device=device, dtype=scores.dtype)
-                accept = coins < scores  # (c, m)
-                rank = accept.cumsum(dim=1)  # (c, m): 1-based rank among this row's acceptances
-                row_missing = num_negatives - filled[rows]  # (c,)
-                take = accept & (rank <= row_missing[:, None])  # (c, m)
-                local_row, column = take.nonzero(as_tuple=True)
-                anchor_row = rows[local_row]
-                slot = filled[anchor_row] + rank[local_row, column] - 1
-                index[anchor_row, slot] = candidates[column]
-                filled[rows] += take.sum(dim=1)
-                round_accepted += int(accept.sum())
-                round_proposed += accept.numel()
-            proposals += round_proposed
-            accepted += round_accepted
-            acceptance_estimate = max(round_accepted / max(round_proposed, 1), 1e-6)
-            pending = pending[filled[pending] < num_negatives]
-        fallbacks = fallback_anchors = 0
-        if pending.numel() > 0:
-            short = index[pending] < 0  # (P, R)
-            fallback = _uniform_excluding(anchor_pool_index[pending], pool_size, (pending.numel(), num_negatives), generator)
-            index[pending] = torch.where(short, fallback, index[pending])
-            fallbacks = int(short.sum())
-            fallback_anchors = int(pending.numel())
+                accept = self._accept(anchor_probs, pool_probs, start + pending, own[pending], candidates, pool_size, generator)
+                counts = accept.sum(dim=1)  # (p,) acceptances per row
+                # accepted (row, column) pairs in row-major order: a row's k-th acceptance is its k-th draw
+                local_row, column = accept.nonzero(as_tuple=True)
+                first_of_row = torch.cumsum(counts, dim=0) - counts  # (p,) position of each row's first pair
+                within_row = torch.arange(local_row.numel(), device=device) - first_of_row[local_row]
+                already = filled[pending]  # (p,)
+                missing = num_negatives - already  # (p,)
+                keep = within_row < missing[local_row]
+                local_row, column, within_row = local_row[keep], column[keep], within_row[keep]
+                slot = (pending[local_row] * num_negatives + already[local_row] + within_row)  # flat (c·R) slot
+                columns.view(-1)[slot] = column + offset
+                filled[pending] = already + torch.minimum(counts, missing)
+                candidate_parts.append(candidates)
+                offset += num_candidates
+                round_accepted = int(counts.sum())
+                proposals += accept.numel()
+                accepted += round_accepted
+                if rounds == 1 or round_accepted > 0:
+                    acceptance_estimate = max(round_accepted / accept.numel(), 1e-6)
+                if rounds == 1:
+                    first_round_estimate = acceptance_estimate
+                pending = pending[filled[pending] < num_negatives]
+            if pending.numel() > 0:  # bounded rounds exhausted (or every score 0): uniform fallback
+                short = columns[pending] < 0  # (p, R)
+                count = int(short.sum())
+                fallback = _uniform_excluding(own[pending], pool_size, (pending.numel(), num_negatives), generator)
+                block_rows = columns[pending]
+                block_rows[short] = offset + torch.arange(count, device=device)
+                columns[pending] = block_rows
+                candidate_parts.append(fallback[short])
+                fallbacks += count
+                fallback_anchors += int(pending.numel())
+            starts.append(start)
+            block_candidates.append(torch.cat(candidate_parts))
+            block_columns.append(columns)
+            max_rounds_used = max(max_rounds_used, rounds)
+            acceptance_estimate = first_round_estimate  # the next block starts like this one did
+            start = stop
+        blocks = CandidateBlocks(tuple(starts), tuple(block_candidates), tuple(block_columns))
+        index = blocks.to_index() if num_anchors else torch.empty(0, num_negatives, dtype=torch.long, device=device)
         return NegativeSamples(
             index=index,
+            blocks=blocks,
             proposals=proposals,
             accepted=accepted,
             fallbacks=fallbacks,
             fallback_anchors=fallback_anchors,
-            rounds=rounds,
+            rounds=max_rounds_used,
         )

@@ -408,11 +408,30 @@ def test_environment_variable_overrides(clean_backend_env: pytest.MonkeyPatch) -
         resolve_backend("chunked")
 
 
+def test_auto_without_cuda_or_with_broken_kernels_resolves_to_chunked(clean_backend_env: pytest.MonkeyPatch) -> None:
+    clean_backend_env.setattr(backend_module, "triton_is_available", lambda: True)
+    clean_backend_env.setattr(torch.cuda, "is_available", lambda: False)
+    assert not resolve_backend("auto").use_triton_on_cuda
+    clean_backend_env.setattr(torch.cuda, "is_available", lambda: True)
+    clean_backend_env.setattr(backend_module, "_triton_kernels_import", lambda: False)
+    assert not resolve_backend("auto").use_triton_on_cuda
+
+
+@pytest.mark.parametrize("value", ["false", "off", "no", "0", ""])
+def test_triton_interpret_is_read_like_triton_reads_it(clean_backend_env: pytest.MonkeyPatch, value: str) -> None:
+    clean_backend_env.setenv("TRITON_INTERPRET", value)
+    assert not backend_module.triton_interpret_enabled()
+    clean_backend_env.setenv("TRITON_INTERPRET", "True")
+    assert backend_module.triton_interpret_enabled()
+
+
 @pytest.mark.parametrize("interpreter", [False, True])
 def test_auto_never_picks_triton_for_cpu_tensors(
     clean_backend_env: pytest.MonkeyPatch, interpreter: bool
 ) -> None:
     clean_backend_env.setattr(backend_module, "triton_is_available", lambda: True)
+    clean_backend_env.setattr(backend_module, "_triton_kernels_import", lambda: True)
+    clean_backend_env.setattr(torch.cuda, "is_available", lambda: True)  # pretend a GPU machine
     if interpreter:
         clean_backend_env.setenv("TRITON_INTERPRET", "1")
     backend = resolve_backend("auto")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["sampled_logsumexp_chunked", "default_block_size", "accumulation_dtype"]
+__all__ = ["sampled_logsumexp_chunked", "sampled_logsumexp_blocked", "default_block_size", "accumulation_dtype"]
 
 _TARGET_BLOCK_BYTES = 2 * 1024 * 1024  # one gathered block of negatives, sized to stay in cache
 
@@ -109,3 +109,82 @@ def sampled_logsumexp_chunked(
     if block_size is None:
         block_size = default_block_size(negative_index.shape[1], anchors.shape[1])
     return _SampledLogSumExp.apply(anchors, pool, negative_index, float(scale), int(block_size))
+
+
+class _BlockedLogSumExp(torch.autograd.Function):
+    """Same value as :class:`_SampledLogSumExp`, for negatives given as candidate blocks."""
+
+    @staticmethod
+    def forward(ctx, anchors: Tensor, pool: Tensor, scale: float, starts, candidates, columns):
+        accumulate = accumulation_dtype(anchors.dtype, pool.dtype)
+        anchors_acc = anchors.to(accumulate)  # (A, D)
+        pool_acc = pool.to(accumulate)  # (M, D)
+        lse = torch.empty(anchors.shape[0], dtype=accumulate, device=anchors.device)  # (A,)
+        for start, block_candidates, block_columns in zip(starts, candidates, columns):
+            stop = start + block_columns.shape[0]
+            scores = anchors_acc[start:stop] @ pool_acc[block_candidates].T  # (c, m)
+            lse[start:stop] = torch.logsumexp(scores.gather(1, block_columns) * scale, dim=1)
+        ctx.save_for_backward(anchors, pool, lse, *candidates, *columns)
+        ctx.scale = scale
+        ctx.starts = starts
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad_lse: Tensor):
+        anchors, pool, lse, *saved = ctx.saved_tensors
+        num_blocks = len(ctx.starts)
+        candidates, columns = saved[:num_blocks], saved[num_blocks:]
+        scale = ctx.scale
+        accumulate = lse.dtype
+        anchors_acc = anchors.to(accumulate)
+        pool_acc = pool.to(accumulate)
+        grad_lse = grad_lse.to(accumulate)
+        need_anchor_grad, need_pool_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_anchors = torch.zeros_like(anchors_acc) if need_anchor_grad else None  # (A, D)
+        grad_pool = torch.zeros_like(pool_acc) if need_pool_grad else None  # (M, D)
+        for start, block_candidates, block_columns in zip(ctx.starts, candidates, columns):
+            stop = start + block_columns.shape[0]
+            block_pool = pool_acc[block_candidates]  # (m, D)
+            block_anchors = anchors_acc[start:stop]  # (c, D)
+            chosen = (block_anchors @ block_pool.T).gather(1, block_columns) * scale  # (c, R)
+            weights = torch.exp(chosen - lse[start:stop, None]) * (grad_lse[start:stop, None] * scale)  # (c, R)
+            # d lse / d score[c, j] summed over the slots that chose column j (repeats add up)
+            score_grad = torch.zeros(block_columns.shape[0], block_pool.shape[0], dtype=accumulate, device=anchors.device)
+            score_grad.scatter_add_(1, block_columns, weights)  # (c, m)
+            if grad_anchors is not None:
+                grad_anchors[start:stop] = score_grad @ block_pool  # (c, D)
+            if grad_pool is not None:
+                grad_pool.index_add_(0, block_candidates, score_grad.T @ block_anchors)  # (m, D) into (M, D)
+        if grad_anchors is not None:
+            grad_anchors = grad_anchors.to(anchors.dtype)
+        if grad_pool is not None:
+            grad_pool = grad_pool.to(pool.dtype)
+        return grad_anchors, grad_pool, None, None, None, None
+
+
+def sampled_logsumexp_blocked(anchors: Tensor, pool: Tensor, blocks, scale: float) -> Tensor:
+    r"""Sampled log-sum-exp for negatives in block form (one matrix product per block).
+
+    For the anchors of block :math:`b` with candidate rows :math:`P_b = \mathrm{pool}[\mathrm{cand}_b]`
+    (:math:`m_b \times D`), it forms the block's scores :math:`S_b = X_b P_b^\top` and gathers each
+    anchor's ``R`` chosen columns. Backward scatters the softmax weights into an
+    :math:`(c_b, m_b)` matrix :math:`G_b` and uses :math:`G_b P_b` and :math:`G_b^\top X_b` — matrix
+    products instead of gathering :math:`c_b R` rows of width ``D``. Only the candidate lists,
+    the columns and the per-anchor log-sum-exp are saved; scores are recomputed in backward.
+
+    Args:
+        anchors: anchor embeddings.
+        pool: candidate embeddings.
+        blocks: :class:`~instcontrast.sampler.CandidateBlocks` from the sampler.
+        scale: multiplier of the dot products (``1 / temperature``).
+
+    Shape:
+        - anchors: :math:`(A, D)`; pool: :math:`(M, D)`; output: :math:`(A,)`
+
+    Returns:
+        The per-anchor log-sum-exp, equal to :func:`sampled_logsumexp_chunked` on
+        ``blocks.to_index()``.
+    """
+    return _BlockedLogSumExp.apply(
+        anchors, pool, float(scale), tuple(blocks.starts), tuple(blocks.candidates), tuple(blocks.columns)
+    )
