@@ -87,8 +87,18 @@ class ADE20KInstanceDataset:
         if not self.image_root.is_dir():
             raise FileNotFoundError(f"ADE20K image folder not found: {self.image_root}; {ADE20K_LAYOUT}")
         if not self.annotation_root.is_dir():
-            raise FileNotFoundError(f"ADE20K instance annotation folder not found: {self.annotation_root}; {ADE20K_LAYOUT}")
-        images = sorted(p for p in self.image_root.iterdir() if p.suffix.lower() in image_extensions)
+            raise FileNotFoundError(
+                f"ADE20K instance annotation folder not found: {self.annotation_root}; {ADE20K_LAYOUT}"
+            )
+        entries = [p for p in self.image_root.iterdir() if p.is_file()]
+        images = sorted(p for p in entries if p.suffix.lower() in image_extensions)
+        if len(images) != len(entries):
+            logger.warning(
+                "%s: ignored %d file(s) without an image extension %s",
+                self.image_root,
+                len(entries) - len(images),
+                image_extensions,
+            )
         if not images:
             raise FileNotFoundError(f"no images ({', '.join(image_extensions)}) in {self.image_root}; {ADE20K_LAYOUT}")
         self.file_names: list[str] = [p.name for p in images]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -105,9 +106,14 @@ def decode_segmentation(segmentation: Any, height: int, width: int, where: str) 
         else:
             raise ValueError(f"{where}: RLE counts must be a list or a string, got {type(counts).__name__}")
     else:
-        raise ValueError(f"{where}: segmentation must be a polygon list or an RLE dict, got {type(segmentation).__name__}")
+        raise ValueError(
+            f"{where}: segmentation must be a polygon list or an RLE dict, got {type(segmentation).__name__}"
+        )
     try:
-        mask = mask_utils.decode(rle)
+        with warnings.catch_warnings():
+            # pycocotools' Cython decode trips numpy 2's __array__(copy=...) DeprecationWarning
+            warnings.simplefilter("ignore", DeprecationWarning)
+            mask = mask_utils.decode(rle)
     except Exception as error:  # pycocotools raises bare Exceptions for corrupt RLE strings
         raise ValueError(f"{where}: cannot decode RLE: {error}") from error
     if mask.shape != (height, width):
@@ -219,7 +225,9 @@ class CocoInstanceDataset:
         if all(isinstance(i, int) and not isinstance(i, bool) for i in source_ids):
             self.image_ids: list[int] = [int(i) for i in source_ids]
         else:
-            logger.info("%s: image ids are not all integers; using positions 0..%d as image_ids", path, len(source_ids) - 1)
+            logger.info(
+                "%s: image ids are not all integers; using positions 0..%d as image_ids", path, len(source_ids) - 1
+            )
             self.image_ids = list(range(len(source_ids)))
         position_of = {repr(i): p for p, i in enumerate(source_ids)}
 
@@ -242,13 +250,15 @@ class CocoInstanceDataset:
             crowd = bool(ann.get("iscrowd", 0))
             segmentation = ann.get("segmentation")
             if isinstance(segmentation, list) and any(not isinstance(p, list) for p in segmentation):
-                raise ValueError(f"{where}: polygon segmentation must be a list of coordinate lists [[x0, y0, ...], ...]")
+                raise ValueError(
+                    f"{where}: polygon segmentation must be a list of coordinate lists [[x0, y0, ...], ...]"
+                )
             if not segmentation or (
                 isinstance(segmentation, list) and not any(isinstance(p, list) and len(p) >= 6 for p in segmentation)
             ):
                 skipped_empty += 1
                 continue
-            if crowd and not include_crowd:
+            if crowd and not self.include_crowd:
                 skipped_crowd += 1
                 continue
             if not isinstance(segmentation, (list, dict)):
@@ -350,7 +360,9 @@ def samples_to_coco_dict(
         images.append(entry)
         for mask, class_id, crowd in zip(sample.masks, sample.class_ids, sample.is_crowd):
             if not 0 <= int(class_id) < len(class_names):
-                raise ValueError(f"class id {int(class_id)} outside 0..{len(class_names) - 1} in image {sample.image_id}")
+                raise ValueError(
+                    f"class id {int(class_id)} outside 0..{len(class_names) - 1} in image {sample.image_id}"
+                )
             rle = encode_mask(mask)
             bbox = mask_utils.toBbox({"size": rle["size"], "counts": rle["counts"].encode("ascii")})
             annotations.append(
@@ -382,6 +394,6 @@ def write_coco_json(path: str | os.PathLike[str], coco_dict: Mapping[str, Any]) 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("w", encoding="utf-8") as handle:
-        json.dump(coco_dict, handle, separators=(",", ":"))
+        handle.write(json.dumps(coco_dict, separators=(",", ":")))  # dumps uses the C encoder, dump does not
     os.replace(tmp, path)
     return path

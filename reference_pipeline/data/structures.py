@@ -91,7 +91,7 @@ class InstanceSample:
         """Number of instances ``N`` (crowd regions included)."""
         return int(self.masks.shape[0])
 
-    def without_crowd(self) -> "InstanceSample":
+    def without_crowd(self) -> InstanceSample:
         """Return a copy holding only the non-crowd instances."""
         keep = ~self.is_crowd
         return InstanceSample(
