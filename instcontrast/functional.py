@@ -8,7 +8,8 @@ temperature.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import functools
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,27 @@ SCORES = ("linear", "squared", "sqrt")
 REDUCTIONS = ("mean", "sum", "none")
 
 
+F_ = TypeVar("F_", bound=Callable[..., Tensor])
+
+
+def _float32_math(function: F_) -> F_:
+    """Run ``function`` with autocast disabled on its first argument's device."""
+
+    @functools.wraps(function)
+    def wrapper(first: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        with autocast_off(first):
+            return function(first, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def autocast_off(tensor: Tensor) -> torch.autocast:
+    """A context that disables autocast on ``tensor``'s device: the loss's math runs in float32
+    (float64 for float64 inputs) whatever precision the surrounding model runs in."""
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
+
+
+@_float32_math
 def fused_probability(
     mask_logits: Tensor,
     class_logits: Tensor,
@@ -174,6 +196,7 @@ def positive_similarity(anchors: Tensor, positives: Tensor) -> Tensor:
     return (_normalized(anchors) * _normalized(positives)).sum(dim=-1)
 
 
+@_float32_math
 def pixel_info_nce(
     anchors: Tensor,
     positives: Tensor,
@@ -239,6 +262,7 @@ def _hinge_block(anchors_n: Tensor, positive_cos: Tensor, pool_n: Tensor, index:
     return (margin - positive_cos[:, None] + negative_cos).clamp_min(0.0).mean(dim=1)  # (c,)
 
 
+@_float32_math
 def pixel_hinge(
     anchors: Tensor,
     positives: Tensor,
@@ -341,6 +365,7 @@ def _sum_negative_cosine(
 
 
 @torch.no_grad()
+@_float32_math
 def empirical_margin(
     anchors: Tensor, positives: Tensor, pool: Tensor, negative_index: Tensor, blocks: CandidateBlocks | None = None
 ) -> Tensor:

@@ -23,6 +23,7 @@ from ._checks import (
 from .distributed import all_gather_rows, all_gather_rows_with_grad, gathered_offset, world_info
 from .functional import (
     SCORES,
+    autocast_off,
     STRATEGIES,
     empirical_margin,
     false_negative_rate,
@@ -229,6 +230,20 @@ class InstanceAwarePixelContrast(nn.Module):
             :class:`ContrastOutput`.
         """
         batch, dim, height, width = check_embeddings(z_weak, z_strong)
+        with autocast_off(z_weak):  # similarities and log-sum-exp accumulate in float32 under AMP
+            return self._forward(z_weak, z_strong, mask_logits, class_logits, valid, instance_ids, generator)
+
+    def _forward(
+        self,
+        z_weak: Tensor,
+        z_strong: Tensor,
+        mask_logits: Any,
+        class_logits: Tensor | None,
+        valid: Tensor | None,
+        instance_ids: Tensor | None,
+        generator: torch.Generator | None,
+    ) -> ContrastOutput:
+        batch, dim, height, width = z_weak.shape
         check_finite("z_weak", z_weak)
         check_finite("z_strong", z_strong)
         mask_logits, class_logits = extract_predictions(mask_logits, class_logits)

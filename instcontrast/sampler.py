@@ -179,6 +179,17 @@ class InstanceAwareSampler:
         Raises:
             ValueError: on mismatched shapes or a pool with fewer than 2 candidates.
         """
+        with torch.autocast(device_type=anchor_pool_index.device.type, enabled=False):
+            return self._sample(anchor_probs, pool_probs, anchor_pool_index, pool_size, generator)
+
+    def _sample(
+        self,
+        anchor_probs: Tensor | None,
+        pool_probs: Tensor | None,
+        anchor_pool_index: Tensor,
+        pool_size: int | None,
+        generator: torch.Generator | None,
+    ) -> NegativeSamples:
         if anchor_pool_index.ndim != 1:
             raise ValueError(f"anchor_pool_index must have shape (A,), got {tuple(anchor_pool_index.shape)}")
         anchor_pool_index = anchor_pool_index.long()

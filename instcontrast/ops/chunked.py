@@ -37,6 +37,11 @@ def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
 class _SampledLogSumExp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchors: Tensor, pool: Tensor, negative_index: Tensor, scale: float, block_size: int):
+        with torch.autocast(device_type=anchors.device.type, enabled=False):
+            return _SampledLogSumExp._forward(ctx, anchors, pool, negative_index, scale, block_size)
+
+    @staticmethod
+    def _forward(ctx, anchors: Tensor, pool: Tensor, negative_index: Tensor, scale: float, block_size: int):
         accumulate = accumulation_dtype(anchors.dtype, pool.dtype)
         anchors32 = anchors.to(accumulate).contiguous()  # (A, D)
         pool32 = pool.to(accumulate).contiguous()  # (M, D)
@@ -55,6 +60,11 @@ class _SampledLogSumExp(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_lse: Tensor):
+        with torch.autocast(device_type=grad_lse.device.type, enabled=False):
+            return _SampledLogSumExp._backward(ctx, grad_lse)
+
+    @staticmethod
+    def _backward(ctx, grad_lse: Tensor):
         anchors, pool, index, lse = ctx.saved_tensors
         scale, block_size = ctx.scale, ctx.block_size
         need_anchor_grad, need_pool_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -116,6 +126,11 @@ class _BlockedLogSumExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchors: Tensor, pool: Tensor, scale: float, starts, candidates, columns):
+        with torch.autocast(device_type=anchors.device.type, enabled=False):
+            return _BlockedLogSumExp._forward(ctx, anchors, pool, scale, starts, candidates, columns)
+
+    @staticmethod
+    def _forward(ctx, anchors: Tensor, pool: Tensor, scale: float, starts, candidates, columns):
         accumulate = accumulation_dtype(anchors.dtype, pool.dtype)
         anchors_acc = anchors.to(accumulate)  # (A, D)
         pool_acc = pool.to(accumulate)  # (M, D)
@@ -131,6 +146,11 @@ class _BlockedLogSumExp(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_lse: Tensor):
+        with torch.autocast(device_type=grad_lse.device.type, enabled=False):
+            return _BlockedLogSumExp._backward(ctx, grad_lse)
+
+    @staticmethod
+    def _backward(ctx, grad_lse: Tensor):
         anchors, pool, lse, *saved = ctx.saved_tensors
         num_blocks = len(ctx.starts)
         candidates, columns = saved[:num_blocks], saved[num_blocks:]
