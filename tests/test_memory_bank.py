@@ -1,0 +1,135 @@
+"""PixelMemoryBank: a FIFO ring that is just more pool for the exact sampler."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from instcontrast import InstanceAwarePixelContrast, PixelMemoryBank
+from instcontrast.functional import debias_score, fused_probability
+
+
+def _rows(start: int, count: int, dim: int = 3) -> torch.Tensor:
+    """Rows whose first coordinate encodes their order (after normalization still monotone)."""
+    values = torch.arange(start, start + count, dtype=torch.float32)
+    return torch.stack([values + 1, torch.ones(count), torch.zeros(count)], dim=1)[:, :dim]
+
+
+def test_fifo_order_and_wrap_around() -> None:
+    bank = PixelMemoryBank(embedding_dim=3, prob_dim=2, size=5, pixels_per_step=None)
+    bank.enqueue(_rows(0, 3), torch.ones(3, 2))
+    assert int(bank.pointer) == 3 and int(bank.filled) == 3
+    bank.enqueue(_rows(3, 4), torch.ones(4, 2))  # rows 3..6: 3,4 at slots 3,4; 5,6 wrap to 0,1
+    assert int(bank.pointer) == 2 and int(bank.filled) == 5
+    stored_order = (bank.embeddings[:, 0] / bank.embeddings[:, 1]).round() - 1  # recover the row number
+    assert stored_order.tolist() == [5, 6, 2, 3, 4]
+
+
+def test_pointer_after_many_enqueues() -> None:
+    bank = PixelMemoryBank(embedding_dim=3, prob_dim=2, size=7, pixels_per_step=None)
+    total = 0
+    for count in [1, 5, 3, 9, 2, 6, 4]:
+        bank.enqueue(torch.randn(count, 3), torch.rand(count, 2))
+        total += min(count, 7)
+    assert int(bank.pointer) == total % 7 and int(bank.filled) == 7
+
+
+def test_enqueue_larger_than_the_bank_keeps_the_newest_rows() -> None:
+    bank = PixelMemoryBank(embedding_dim=3, prob_dim=2, size=4, pixels_per_step=None)
+    bank.enqueue(_rows(0, 10), torch.ones(10, 2))
+    stored = sorted(((bank.embeddings[:, 0] / bank.embeddings[:, 1]).round() - 1).tolist())
+    assert stored == [6, 7, 8, 9]
+
+
+def test_pixels_per_step_enqueues_a_random_subset() -> None:
+    bank = PixelMemoryBank(embedding_dim=3, prob_dim=2, size=100, pixels_per_step=8)
+    assert bank.enqueue(torch.randn(50, 3), torch.rand(50, 2), generator=torch.Generator().manual_seed(0)) == 8
+    assert int(bank.filled) == 8
+
+
+def test_state_dict_round_trips_exactly() -> None:
+    bank = PixelMemoryBank(embedding_dim=4, prob_dim=3, size=6, pixels_per_step=None)
+    for _ in range(3):
+        bank.enqueue(torch.randn(4, 4), torch.rand(4, 3))
+    restored = PixelMemoryBank(embedding_dim=4, prob_dim=3, size=6, pixels_per_step=None)
+    restored.load_state_dict(bank.state_dict())
+    for key, value in bank.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value), key
+    bank.enqueue(torch.ones(1, 4), torch.ones(1, 3))
+    restored.enqueue(torch.ones(1, 4), torch.ones(1, 3))
+    assert torch.equal(restored.embeddings, bank.embeddings) and int(restored.pointer) == int(bank.pointer)
+
+
+def test_no_gradient_reaches_the_bank() -> None:
+    bank = PixelMemoryBank(embedding_dim=4, prob_dim=7, size=50)
+    z_weak = torch.randn(1, 4, 3, 3, requires_grad=True)
+    z_strong = torch.randn(1, 4, 3, 3, requires_grad=True)
+    crit = InstanceAwarePixelContrast(num_negatives=5, memory_bank=bank, detach_strong=False)
+    crit(z_weak, z_strong, torch.randn(1, 3, 3, 3), torch.randn(1, 3, 4))
+    out = crit(z_weak, z_strong, torch.randn(1, 3, 3, 3), torch.randn(1, 3, 4))
+    assert out.stats.bank_candidates == 9
+    out.loss.backward()
+    assert not bank.embeddings.requires_grad and bank.embeddings.grad is None
+    assert all(not buffer.requires_grad for buffer in bank.buffers())
+
+
+def test_mismatched_dimensions_are_refused() -> None:
+    bank = PixelMemoryBank(embedding_dim=4, prob_dim=7, size=10)
+    with pytest.raises(ValueError, match=r"stores \(D, E\) = \(4, 7\)"):
+        bank.enqueue(torch.randn(2, 5), torch.rand(2, 7))
+    crit = InstanceAwarePixelContrast(num_negatives=3, memory_bank=bank)
+    with pytest.raises(ValueError, match="prob_dim=K \\+ C \\+ 1"):
+        crit(torch.randn(1, 4, 3, 3), torch.randn(1, 4, 3, 3), torch.randn(1, 2, 3, 3), torch.randn(1, 2, 4))
+
+
+def test_full_warmup_offers_no_candidates_until_the_ring_is_full() -> None:
+    bank = PixelMemoryBank(embedding_dim=3, prob_dim=2, size=5, pixels_per_step=None, warmup="full")
+    bank.enqueue(torch.randn(4, 3), torch.rand(4, 2))
+    assert bank.candidates()[0].shape[0] == 0
+    bank.enqueue(torch.randn(1, 3), torch.rand(1, 2))
+    assert bank.candidates()[0].shape[0] == 5
+
+
+def test_sampling_from_batch_and_bank_matches_the_score_distribution() -> None:
+    generator = torch.Generator().manual_seed(0)
+    mask_logits = 2 * torch.randn(1, 3, 2, 3, generator=generator)  # 6 batch pixels
+    class_logits = 2 * torch.randn(1, 3, 3, generator=generator)
+    bank_masks = 2 * torch.randn(1, 3, 2, 3, generator=generator)
+    bank_probs = fused_probability(bank_masks, class_logits)[0]  # (6, E) bank rows
+    bank = PixelMemoryBank(embedding_dim=4, prob_dim=6, size=6, pixels_per_step=None)
+    bank.enqueue(torch.randn(6, 4), bank_probs)
+    valid = torch.zeros(1, 2, 3, dtype=torch.bool)
+    valid[0, 0, 0] = valid[0, 1, 2] = True  # 2 batch candidates; anchor 0 is pixel 0
+    draws = 6000
+    crit = InstanceAwarePixelContrast(num_negatives=draws, memory_bank=bank, compute_stats=False).eval()
+    out = crit(torch.randn(1, 4, 2, 3), torch.randn(1, 4, 2, 3), mask_logits, class_logits, valid=valid,
+               generator=torch.Generator().manual_seed(1))
+    assert out.stats.pool_size == 8 and out.stats.fallbacks == 0
+    batch_probs = fused_probability(mask_logits, class_logits)[0][[0, 5]]
+    pool_probs = torch.cat([batch_probs, bank_probs])  # (8, E): batch first, then bank
+    weights = debias_score(pool_probs[0][None].double(), pool_probs.double())
+    weights[0] = 0.0
+    observed = torch.bincount(out.negative_index[0], minlength=8).double()
+    assert observed[0] == 0
+    result = chisquare(observed[1:].numpy(), (weights[1:] / weights.sum() * draws).numpy())
+    assert result.pvalue > 1e-3
+
+
+def test_bank_negatives_change_the_loss_as_computed_by_hand() -> None:
+    # both batch pixels predict the same instance (s = 0 between them), the bank row predicts
+    # another (s = 1): every negative must be the bank row.
+    mask_logits = torch.zeros(1, 2, 1, 2)
+    mask_logits[:, 0] = 30.0
+    class_logits = torch.tensor([[[30.0, 0.0], [0.0, 30.0]]])
+    z_weak = torch.tensor([[1.0, 0.0], [1.0, 0.0]]).T.reshape(1, 2, 1, 2)  # both (1, 0)
+    z_strong = z_weak.clone()  # cos+ = 1
+    bank = PixelMemoryBank(embedding_dim=2, prob_dim=4, size=1, pixels_per_step=None)
+    bank.enqueue(torch.tensor([[0.6, 0.8]]), torch.tensor([[0.0, 1.0, 0.0, 1.0]]) / math.sqrt(2))
+    crit = InstanceAwarePixelContrast(temperature=0.5, num_negatives=4, memory_bank=bank, max_rounds=50).eval()
+    out = crit(z_weak, z_strong, mask_logits, class_logits)
+    assert (out.negative_index == 2).all() and out.stats.fallbacks == 0
+    expected = -math.log(math.exp(1 / 0.5) / (math.exp(1 / 0.5) + 4 * math.exp(0.6 / 0.5)))
+    assert out.loss.item() == pytest.approx(expected, rel=1e-5)
