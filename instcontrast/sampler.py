@@ -215,9 +215,8 @@ class InstanceAwareSampler:
 
     def _accept(
         self,
-        anchor_probs: Tensor | None,
+        row_probs: Tensor | None,
         pool_probs: Tensor | None,
-        rows: Tensor,
         own: Tensor,
         candidates: Tensor,
         pool_size: int,
@@ -229,8 +228,9 @@ class InstanceAwareSampler:
         :math:`\langle\hat y_p, \hat y_q\rangle + g^{-1}(u) < 1`, so the score matrix is never
         transformed: :math:`g^{-1}(u) = u` (linear), :math:`\sqrt u` (squared), :math:`u^2` (sqrt).
         """
-        shape = (rows.numel(), candidates.numel())
-        coins = torch.rand(shape, generator=generator, device=rows.device)  # (c, m)
+        device = own.device
+        shape = (own.numel(), candidates.numel())
+        coins = torch.rand(shape, generator=generator, device=device)  # (c, m)
         if self.strategy == "uniform":
             accept = coins < self.uniform_acceptance
         else:
@@ -238,12 +238,12 @@ class InstanceAwareSampler:
                 coins.sqrt_()
             elif self.score == "sqrt":
                 coins.square_()
-            similarity = torch.addmm(coins, anchor_probs[rows], pool_probs[candidates].T)  # (c, m): <ŷp, ŷq> + g⁻¹(u)
+            similarity = torch.addmm(coins, row_probs, pool_probs[candidates].T)  # (c, m): <ŷp, ŷq> + g⁻¹(u)
             accept = similarity < 1.0
         # the anchor itself has s = 0: find candidates that are one of these rows' own pool entry
         in_pool = own >= 0
-        row_of_entry = torch.full((pool_size,), -1, dtype=torch.long, device=rows.device)  # (M,)
-        row_of_entry[own[in_pool]] = torch.arange(rows.numel(), device=rows.device)[in_pool]
+        row_of_entry = torch.full((pool_size,), -1, dtype=torch.long, device=device)  # (M,)
+        row_of_entry[own[in_pool]] = torch.arange(own.numel(), device=device)[in_pool]
         hit_row = row_of_entry[candidates]  # (m,)
         hit_column = (hit_row >= 0).nonzero(as_tuple=True)[0]
         accept[hit_row[hit_column], hit_column] = False
@@ -269,7 +269,7 @@ class InstanceAwareSampler:
             stop = min(num_anchors, start + max(1, _BLOCK_ELEMENTS // first_round))
             size = stop - start
             own = anchor_pool_index[start:stop]  # (c,)
-            columns = torch.full((size, num_negatives), -1, dtype=torch.long, device=device)  # (c, R)
+            columns = torch.full((size, num_negatives + 1), -1, dtype=torch.long, device=device)  # (c, R + spare)
             filled = torch.zeros(size, dtype=torch.long, device=device)  # (c,)
             pending = torch.arange(size, device=device)  # local rows still short
             candidate_parts: list[Tensor] = []
@@ -280,22 +280,27 @@ class InstanceAwareSampler:
                 wanted = math.ceil(1.25 * max_missing / acceptance_estimate) + 16
                 num_candidates = min(wanted, self.max_proposals_per_slot * max_missing)
                 candidates = torch.randint(0, pool_size, (num_candidates,), generator=generator, device=device)  # (m,)
-                accept = self._accept(anchor_probs, pool_probs, start + pending, own[pending], candidates, pool_size, generator)
-                counts = accept.sum(dim=1)  # (p,) acceptances per row
-                # accepted (row, column) pairs in row-major order: a row's k-th acceptance is its k-th draw
-                local_row, column = accept.nonzero(as_tuple=True)
-                first_of_row = torch.cumsum(counts, dim=0) - counts  # (p,) position of each row's first pair
-                within_row = torch.arange(local_row.numel(), device=device) - first_of_row[local_row]
+                whole_block = pending.numel() == size
+                if anchor_probs is None:
+                    row_probs = None
+                else:
+                    row_probs = anchor_probs[start:stop] if whole_block else anchor_probs[start + pending]  # (p, E)
+                accept = self._accept(row_probs, pool_probs, own[pending], candidates, pool_size, generator)  # (p, m)
+                # a row's k-th acceptance is its k-th draw: slot = already filled + rank - 1; acceptances
+                # beyond the row's need (and rejections) go to the spare column R, which is dropped
+                rank = accept.cumsum(dim=1)  # (p, m)
                 already = filled[pending]  # (p,)
-                missing = num_negatives - already  # (p,)
-                keep = within_row < missing[local_row]
-                local_row, column, within_row = local_row[keep], column[keep], within_row[keep]
-                slot = (pending[local_row] * num_negatives + already[local_row] + within_row)  # flat (c·R) slot
-                columns.view(-1)[slot] = column + offset
-                filled[pending] = already + torch.minimum(counts, missing)
+                take = accept & (rank <= (num_negatives - already)[:, None])  # (p, m)
+                slot = torch.where(take, rank + (already - 1)[:, None], num_negatives)  # (p, m)
+                values = torch.arange(offset, offset + num_candidates, device=device).expand_as(slot)
+                if whole_block:
+                    columns.scatter_(1, slot, values)
+                else:
+                    columns[pending] = columns[pending].scatter_(1, slot, values)
+                filled[pending] = torch.minimum(already + rank[:, -1], torch.tensor(num_negatives, device=device))
                 candidate_parts.append(candidates)
                 offset += num_candidates
-                round_accepted = int(counts.sum())
+                round_accepted = int(rank[:, -1].sum())
                 proposals += accept.numel()
                 accepted += round_accepted
                 if rounds == 1 or round_accepted > 0:
@@ -303,6 +308,7 @@ class InstanceAwareSampler:
                 if rounds == 1:
                     first_round_estimate = acceptance_estimate
                 pending = pending[filled[pending] < num_negatives]
+            columns = columns[:, :num_negatives].contiguous()  # (c, R): drop the spare column
             if pending.numel() > 0:  # bounded rounds exhausted (or every score 0): uniform fallback
                 short = columns[pending] < 0  # (p, R)
                 count = int(short.sum())
