@@ -219,7 +219,6 @@ class InstanceAwareSampler:
         pool_probs: Tensor | None,
         own: Tensor,
         candidates: Tensor,
-        pool_size: int,
         generator: torch.Generator | None,
     ) -> Tensor:
         r"""One coin per (anchor row, candidate): ``True`` with probability ``s(row, candidate)``, ``(c, m)``.
@@ -240,13 +239,12 @@ class InstanceAwareSampler:
                 coins.square_()
             similarity = torch.addmm(coins, row_probs, pool_probs[candidates].T)  # (c, m): <ŷp, ŷq> + g⁻¹(u)
             accept = similarity < 1.0
-        # the anchor itself has s = 0: find candidates that are one of these rows' own pool entry
-        in_pool = own >= 0
-        row_of_entry = torch.full((pool_size,), -1, dtype=torch.long, device=device)  # (M,)
-        row_of_entry[own[in_pool]] = torch.arange(own.numel(), device=device)[in_pool]
-        hit_row = row_of_entry[candidates]  # (m,)
-        hit_column = (hit_row >= 0).nonzero(as_tuple=True)[0]
-        accept[hit_row[hit_column], hit_column] = False
+        # the anchor itself has s = 0: find candidates equal to one of these rows' own pool entry
+        own_sorted, own_order = torch.sort(own)  # (c,)
+        position = torch.searchsorted(own_sorted, candidates).clamp_(max=own.numel() - 1)  # (m,)
+        hit_column = (own_sorted[position] == candidates).nonzero(as_tuple=True)[0]
+        hit_row = own_order[position[hit_column]]
+        accept[hit_row, hit_column] = False
         return accept
 
     def _rejection_sample(
@@ -285,7 +283,7 @@ class InstanceAwareSampler:
                     row_probs = None
                 else:
                     row_probs = anchor_probs[start:stop] if whole_block else anchor_probs[start + pending]  # (p, E)
-                accept = self._accept(row_probs, pool_probs, own[pending], candidates, pool_size, generator)  # (p, m)
+                accept = self._accept(row_probs, pool_probs, own[pending], candidates, generator)  # (p, m)
                 # a row's k-th acceptance is its k-th draw: slot = already filled + rank - 1; acceptances
                 # beyond the row's need (and rejections) go to the spare column R, which is dropped
                 rank = accept.cumsum(dim=1)  # (p, m)
