@@ -8,8 +8,7 @@ temperature.
 
 from __future__ import annotations
 
-import functools
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 if TYPE_CHECKING:
     from .sampler import CandidateBlocks
 
+from ._amp import without_autocast
 from ._backend import Backend, resolve_backend
 from ._checks import check_choice, check_positive, check_predictions
 from .ops.chunked import accumulation_dtype, default_block_size, sampled_logsumexp_blocked
@@ -41,27 +41,7 @@ SCORES = ("linear", "squared", "sqrt")
 REDUCTIONS = ("mean", "sum", "none")
 
 
-F_ = TypeVar("F_", bound=Callable[..., Tensor])
-
-
-def _float32_math(function: F_) -> F_:
-    """Run ``function`` with autocast disabled on its first argument's device."""
-
-    @functools.wraps(function)
-    def wrapper(first: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        with autocast_off(first):
-            return function(first, *args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def autocast_off(tensor: Tensor) -> torch.autocast:
-    """A context that disables autocast on ``tensor``'s device: the loss's math runs in float32
-    (float64 for float64 inputs) whatever precision the surrounding model runs in."""
-    return torch.autocast(device_type=tensor.device.type, enabled=False)
-
-
-@_float32_math
+@without_autocast(0)
 def fused_probability(
     mask_logits: Tensor,
     class_logits: Tensor,
@@ -196,7 +176,7 @@ def positive_similarity(anchors: Tensor, positives: Tensor) -> Tensor:
     return (_normalized(anchors) * _normalized(positives)).sum(dim=-1)
 
 
-@_float32_math
+@without_autocast(0)
 def pixel_info_nce(
     anchors: Tensor,
     positives: Tensor,
@@ -262,7 +242,7 @@ def _hinge_block(anchors_n: Tensor, positive_cos: Tensor, pool_n: Tensor, index:
     return (margin - positive_cos[:, None] + negative_cos).clamp_min(0.0).mean(dim=1)  # (c,)
 
 
-@_float32_math
+@without_autocast(0)
 def pixel_hinge(
     anchors: Tensor,
     positives: Tensor,
@@ -365,7 +345,7 @@ def _sum_negative_cosine(
 
 
 @torch.no_grad()
-@_float32_math
+@without_autocast(0)
 def empirical_margin(
     anchors: Tensor, positives: Tensor, pool: Tensor, negative_index: Tensor, blocks: CandidateBlocks | None = None
 ) -> Tensor:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._amp import autocast_off
 from ._backend import resolve_backend
 from ._checks import (
     check_choice,
@@ -23,7 +24,6 @@ from ._checks import (
 from .distributed import all_gather_rows, all_gather_rows_with_grad, gathered_offset, world_info
 from .functional import (
     SCORES,
-    autocast_off,
     STRATEGIES,
     empirical_margin,
     false_negative_rate,

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._amp import autocast_off
 from ._checks import check_choice, check_positive
 from .functional import SCORES, STRATEGIES, transform_score
 
@@ -179,7 +180,7 @@ class InstanceAwareSampler:
         Raises:
             ValueError: on mismatched shapes or a pool with fewer than 2 candidates.
         """
-        with torch.autocast(device_type=anchor_pool_index.device.type, enabled=False):
+        with autocast_off(anchor_pool_index):
             return self._sample(anchor_probs, pool_probs, anchor_pool_index, pool_size, generator)
 
     def _sample(

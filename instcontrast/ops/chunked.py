@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._amp import without_autocast
+
 __all__ = ["sampled_logsumexp_chunked", "sampled_logsumexp_blocked", "default_block_size", "accumulation_dtype"]
 
 _TARGET_BLOCK_BYTES = 2 * 1024 * 1024  # one gathered block of negatives, sized to stay in cache
@@ -36,12 +38,8 @@ def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
 
 class _SampledLogSumExp(torch.autograd.Function):
     @staticmethod
+    @without_autocast(1)
     def forward(ctx, anchors: Tensor, pool: Tensor, negative_index: Tensor, scale: float, block_size: int):
-        with torch.autocast(device_type=anchors.device.type, enabled=False):
-            return _SampledLogSumExp._forward(ctx, anchors, pool, negative_index, scale, block_size)
-
-    @staticmethod
-    def _forward(ctx, anchors: Tensor, pool: Tensor, negative_index: Tensor, scale: float, block_size: int):
         accumulate = accumulation_dtype(anchors.dtype, pool.dtype)
         anchors32 = anchors.to(accumulate).contiguous()  # (A, D)
         pool32 = pool.to(accumulate).contiguous()  # (M, D)
@@ -59,12 +57,8 @@ class _SampledLogSumExp(torch.autograd.Function):
         return lse
 
     @staticmethod
+    @without_autocast(1)
     def backward(ctx, grad_lse: Tensor):
-        with torch.autocast(device_type=grad_lse.device.type, enabled=False):
-            return _SampledLogSumExp._backward(ctx, grad_lse)
-
-    @staticmethod
-    def _backward(ctx, grad_lse: Tensor):
         anchors, pool, index, lse = ctx.saved_tensors
         scale, block_size = ctx.scale, ctx.block_size
         need_anchor_grad, need_pool_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -125,12 +119,8 @@ class _BlockedLogSumExp(torch.autograd.Function):
     """Same value as :class:`_SampledLogSumExp`, for negatives given as candidate blocks."""
 
     @staticmethod
+    @without_autocast(1)
     def forward(ctx, anchors: Tensor, pool: Tensor, scale: float, starts, candidates, columns):
-        with torch.autocast(device_type=anchors.device.type, enabled=False):
-            return _BlockedLogSumExp._forward(ctx, anchors, pool, scale, starts, candidates, columns)
-
-    @staticmethod
-    def _forward(ctx, anchors: Tensor, pool: Tensor, scale: float, starts, candidates, columns):
         accumulate = accumulation_dtype(anchors.dtype, pool.dtype)
         anchors_acc = anchors.to(accumulate)  # (A, D)
         pool_acc = pool.to(accumulate)  # (M, D)
@@ -145,12 +135,8 @@ class _BlockedLogSumExp(torch.autograd.Function):
         return lse
 
     @staticmethod
+    @without_autocast(1)
     def backward(ctx, grad_lse: Tensor):
-        with torch.autocast(device_type=grad_lse.device.type, enabled=False):
-            return _BlockedLogSumExp._backward(ctx, grad_lse)
-
-    @staticmethod
-    def _backward(ctx, grad_lse: Tensor):
         anchors, pool, lse, *saved = ctx.saved_tensors
         num_blocks = len(ctx.starts)
         candidates, columns = saved[:num_blocks], saved[num_blocks:]
