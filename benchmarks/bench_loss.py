@@ -74,15 +74,15 @@ def sample_negatives(
     """Negatives for every pixel as anchor from the provider's sampler.
 
     Returns:
-        ``(index (A, R), blocks, counters)``: the exact sampler also returns its candidate blocks,
-        which the module hands to the loss (the ``chunked`` backend scores them with matrix
-        products); the naive sampler has no blocks.
+        ``(negatives, counters)``: the exact sampler returns its candidate blocks, which the
+        module hands to the loss (the ``chunked`` backend scores them with matrix products, the
+        others expand them to an ``(A, R)`` index); the naive sampler returns an ``(A, R)`` index.
     """
     sampler_name, _ = provider_parts(provider)
     anchors = torch.arange(shape.pixels, device=probs.device)
     if sampler_name == "naive":
         index = common.naive_full_matrix_sample(probs, probs, shape.negatives, generator)
-        return index, None, {"score_matrix_bytes": common.naive_score_matrix_bytes(shape.pixels, shape.pixels)}
+        return index, {"score_matrix_bytes": common.naive_score_matrix_bytes(shape.pixels, shape.pixels)}
     sampler = InstanceAwareSampler(num_negatives=shape.negatives, strategy=sampler_name)
     samples = sampler(probs, probs, anchors, pool_size=shape.pixels, generator=generator)
     counters = {
@@ -91,7 +91,7 @@ def sample_negatives(
         "fallbacks": samples.fallbacks,
         "rounds": samples.rounds,
     }
-    return samples.index, samples.blocks, counters
+    return samples.blocks, counters
 
 
 def build_provider(provider: str, shape: dict[str, Any], device: str, with_stats: bool) -> dict[str, Step]:
@@ -117,12 +117,12 @@ def build_provider(provider: str, shape: dict[str, Any], device: str, with_stats
         probs = inputs.probs()
         sample_negatives(provider, probs, shape_, generator)
 
-    fixed_index, fixed_blocks, _ = sample_negatives(provider, inputs.probs(), shape_, generator)
+    fixed_negatives, _ = sample_negatives(provider, inputs.probs(), shape_, generator)
 
     def loss_phase() -> None:
         strong = inputs.strong_rows()
         loss = pixel_info_nce(
-            inputs.weak_rows(), strong, strong, fixed_index, shape_.temperature, backend=backend, blocks=fixed_blocks
+            inputs.weak_rows(), strong, strong, fixed_negatives, shape_.temperature, backend=backend
         )
         loss.backward()
 
@@ -139,7 +139,8 @@ def sampler_quality(provider: str, shape: Shape, device: torch.device) -> dict[s
     """False-negative rate and counters of one draw of the provider's sampler (ground-truth ids)."""
     inputs = common.make_inputs(shape, device)
     generator = torch.Generator(device=device).manual_seed(shape.seed + 11)
-    index, _, counters = sample_negatives(provider, inputs.probs(), shape, generator)
+    negatives, counters = sample_negatives(provider, inputs.probs(), shape, generator)
+    index = negatives if isinstance(negatives, torch.Tensor) else negatives.to_index()  # (A, R)
     labels = inputs.global_labels()
     counters["fnr"] = float(false_negative_rate(labels, labels[index]))
     return counters

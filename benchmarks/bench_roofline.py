@@ -214,8 +214,8 @@ class Components:
         if not self.pool_grad:
             strong = strong.detach()
         return pixel_info_nce(
-            self.inputs.weak_rows(), strong, strong, samples.index, self.shape.temperature,
-            backend=self.backend, blocks=samples.blocks,
+            self.inputs.weak_rows(), strong, strong, samples.blocks, self.shape.temperature,
+            backend=self.backend,
         )  # fmt: skip
 
     def reset(self) -> None:

@@ -116,6 +116,7 @@ def resolve_backend(requested: str = "auto") -> Backend:
     Raises:
         ValueError: for an unknown name.
         ImportError: for ``"triton"`` when Triton cannot be imported, with the install hint.
+        ValueError: for ``"triton"`` without a CUDA device (unless ``TRITON_INTERPRET`` is on).
     """
     override = os.environ.get(ENV_VARIABLE, "").strip()
     name = override or requested
@@ -124,6 +125,11 @@ def resolve_backend(requested: str = "auto") -> Backend:
         raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
     if name == "triton" and not triton_is_available():
         raise ImportError(f"backend='triton' needs the triton package: {TRITON_INSTALL_HINT}")
+    if name == "triton" and not torch.cuda.is_available() and not triton_interpret_enabled():
+        raise ValueError(
+            "backend='triton' needs a CUDA device and none is available; use backend='auto' (which picks "
+            "'chunked' on CPU), or set TRITON_INTERPRET=1 to run the kernels in the Triton interpreter for testing"
+        )
     if name == "auto":
         usable = triton_is_available() and torch.cuda.is_available() and _triton_kernels_import()
         return Backend(requested=name, name="auto", use_triton_on_cuda=usable)

@@ -142,19 +142,25 @@ def _resolve(backend: str | Backend) -> Backend:
     return backend if isinstance(backend, Backend) else resolve_backend(backend)
 
 
-def _check_pairs(anchors: Tensor, positives: Tensor, pool: Tensor, negative_index: Tensor) -> None:
+def _check_pairs(anchors: Tensor, positives: Tensor, pool: Tensor, negatives: Tensor | CandidateBlocks) -> None:
     if anchors.ndim != 2:
         raise ValueError(f"anchors must have shape (A, D), got {tuple(anchors.shape)}")
     if positives.shape != anchors.shape:
         raise ValueError(f"positives must have the anchors' shape (A, D) = {tuple(anchors.shape)}, got {tuple(positives.shape)}")
     if pool.ndim != 2 or pool.shape[1] != anchors.shape[1]:
         raise ValueError(f"pool must have shape (M, D) with D = {anchors.shape[1]}, got {tuple(pool.shape)}")
-    if negative_index.ndim != 2 or negative_index.shape[0] != anchors.shape[0]:
-        raise ValueError(
-            f"negative_index must have shape (A, R) with A = {anchors.shape[0]}, got {tuple(negative_index.shape)}"
-        )
-    if negative_index.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"negative_index must be int64 or int32, got {negative_index.dtype}")
+    if not isinstance(negatives, Tensor):
+        if negatives.num_anchors != anchors.shape[0]:
+            raise ValueError(f"negatives (candidate blocks) cover {negatives.num_anchors} anchors, expected A = {anchors.shape[0]}")
+        return
+    if negatives.ndim != 2 or negatives.shape[0] != anchors.shape[0]:
+        raise ValueError(f"negatives must have shape (A, R) with A = {anchors.shape[0]}, got {tuple(negatives.shape)}")
+    if negatives.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"negatives must be an int64 or int32 index, got {negatives.dtype}")
+
+
+def _as_index(negatives: Tensor | CandidateBlocks) -> Tensor:
+    return negatives if isinstance(negatives, Tensor) else negatives.to_index()
 
 
 def _reduce(per_anchor: Tensor, reduction: str) -> Tensor:
@@ -181,11 +187,10 @@ def pixel_info_nce(
     anchors: Tensor,
     positives: Tensor,
     pool: Tensor,
-    negative_index: Tensor,
+    negatives: Tensor | CandidateBlocks,
     temperature: float = 0.2,
     reduction: str = "mean",
     backend: str | Backend = "auto",
-    blocks: CandidateBlocks | None = None,
 ) -> Tensor:
     r"""Pixel InfoNCE (NT-Xent) over sampled negatives.
 
@@ -204,17 +209,16 @@ def pixel_info_nce(
         anchors: weak-view embeddings of the anchors.
         positives: strong-view embeddings at the anchors' locations.
         pool: candidate negative embeddings (strong view, plus memory bank rows).
-        negative_index: for each anchor, ``R`` row indices into ``pool`` (from a sampler).
+        negatives: for each anchor, ``R`` row indices into ``pool``, ``(A, R)``; or the sampler's
+            :class:`~instcontrast.sampler.CandidateBlocks` (``NegativeSamples.blocks``), which the
+            ``chunked`` path scores block by block with matrix products instead of gathering
+            ``A·R`` rows (other backends expand it to the index).
         temperature: :math:`T > 0`.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         backend: ``"auto"``, ``"reference"``, ``"chunked"``, ``"triton"`` or a resolved backend.
-        blocks: the same negatives in the sampler's block form
-            (:attr:`NegativeSamples.blocks <instcontrast.sampler.NegativeSamples>`); the
-            ``chunked`` path then scores each block with matrix products instead of gathering
-            ``A·R`` rows. Must describe exactly ``negative_index``.
 
     Shape:
-        - anchors, positives: :math:`(A, D)`; pool: :math:`(M, D)`; negative_index: :math:`(A, R)`
+        - anchors, positives: :math:`(A, D)`; pool: :math:`(M, D)`; negatives: :math:`(A, R)`
         - output: scalar, or :math:`(A,)` for ``reduction="none"``
 
     Returns:
@@ -222,17 +226,17 @@ def pixel_info_nce(
     """
     check_positive("temperature", temperature)
     check_choice("reduction", reduction, REDUCTIONS)
-    _check_pairs(anchors, positives, pool, negative_index)
+    _check_pairs(anchors, positives, pool, negatives)
     anchors_n = _normalized(anchors)  # (A, D)
     scale = 1.0 / float(temperature)
     if anchors.shape[0] == 0:
         return _reduce(anchors_n.sum(dim=1) + positives.sum(dim=1) * 0 + pool.sum() * 0, reduction)
     positive_logit = (anchors_n * _normalized(positives)).sum(dim=-1) * scale  # (A,)
     resolved = _resolve(backend)
-    if blocks is not None and resolved.uses_blocks(anchors):
-        negative_lse = sampled_logsumexp_blocked(anchors_n, _normalized(pool), blocks, scale)  # (A,)
+    if not isinstance(negatives, Tensor) and resolved.uses_blocks(anchors):
+        negative_lse = sampled_logsumexp_blocked(anchors_n, _normalized(pool), negatives, scale)  # (A,)
     else:
-        negative_lse = resolved.op_for(anchors)(anchors_n, _normalized(pool), negative_index, scale)  # (A,)
+        negative_lse = resolved.op_for(anchors)(anchors_n, _normalized(pool), _as_index(negatives), scale)  # (A,)
     per_anchor = F.softplus(negative_lse - positive_logit)  # (A,)
     return _reduce(per_anchor, reduction)
 
@@ -247,7 +251,7 @@ def pixel_hinge(
     anchors: Tensor,
     positives: Tensor,
     pool: Tensor,
-    negative_index: Tensor,
+    negatives: Tensor | CandidateBlocks,
     margin: float = 0.2,
     reduction: str = "mean",
     block_size: int | None = None,
@@ -263,13 +267,13 @@ def pixel_hinge(
         anchors: weak-view embeddings of the anchors.
         positives: strong-view embeddings at the anchors' locations.
         pool: candidate negative embeddings.
-        negative_index: for each anchor, ``R`` row indices into ``pool``.
+        negatives: for each anchor, ``R`` row indices into ``pool`` (or candidate blocks).
         margin: :math:`m \ge 0`.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         block_size: anchors per block (default: about 2 MiB of gathered negatives).
 
     Shape:
-        - anchors, positives: :math:`(A, D)`; pool: :math:`(M, D)`; negative_index: :math:`(A, R)`
+        - anchors, positives: :math:`(A, D)`; pool: :math:`(M, D)`; negatives: :math:`(A, R)`
         - output: scalar, or :math:`(A,)` for ``reduction="none"``
 
     Returns:
@@ -278,7 +282,8 @@ def pixel_hinge(
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not (0 <= margin < float("inf")):
         raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
     check_choice("reduction", reduction, REDUCTIONS)
-    _check_pairs(anchors, positives, pool, negative_index)
+    _check_pairs(anchors, positives, pool, negatives)
+    negative_index = _as_index(negatives)  # (A, R)
     anchors_n = _normalized(anchors)  # (A, D)
     positive_cos = (anchors_n * _normalized(positives)).sum(dim=-1)  # (A,)
     pool_n = _normalized(pool)  # (M, D)
@@ -328,27 +333,23 @@ def false_negative_rate(anchor_ids: Tensor, negative_ids: Tensor, ignore_index: 
     return same.sum().double().div(total).float()
 
 
-def _sum_negative_cosine(
-    anchors_n: Tensor, pool_n: Tensor, negative_index: Tensor, blocks: CandidateBlocks | None = None
-) -> Tensor:
+def _sum_negative_cosine(anchors_n: Tensor, pool_n: Tensor, negatives: Tensor | CandidateBlocks) -> Tensor:
     total = anchors_n.new_zeros(())
-    if blocks is not None:
-        for start, candidates, columns in zip(blocks.starts, blocks.candidates, blocks.columns):
+    if not isinstance(negatives, Tensor):
+        for start, candidates, columns in zip(negatives.starts, negatives.candidates, negatives.columns):
             scores = anchors_n[start : start + columns.shape[0]] @ pool_n[candidates].T  # (c, m)
             total += scores.gather(1, columns).sum()
         return total
-    size = default_block_size(max(1, negative_index.shape[1]), anchors_n.shape[1])
+    size = default_block_size(max(1, negatives.shape[1]), anchors_n.shape[1])
     for start in range(0, anchors_n.shape[0], size):
-        block = negative_index[start : start + size]  # (c, R)
+        block = negatives[start : start + size]  # (c, R)
         total += torch.bmm(pool_n[block], anchors_n[start : start + size, :, None]).sum()
     return total
 
 
 @torch.no_grad()
 @without_autocast(0)
-def empirical_margin(
-    anchors: Tensor, positives: Tensor, pool: Tensor, negative_index: Tensor, blocks: CandidateBlocks | None = None
-) -> Tensor:
+def empirical_margin(anchors: Tensor, positives: Tensor, pool: Tensor, negatives: Tensor | CandidateBlocks) -> Tensor:
     r"""Empirical margin between positive and negative cosine similarity.
 
     .. math::
@@ -360,20 +361,20 @@ def empirical_margin(
         anchors: weak-view embeddings of the anchors.
         positives: strong-view embeddings at the anchors' locations.
         pool: candidate negative embeddings.
-        negative_index: sampled negatives, indices into ``pool``.
-        blocks: the same negatives in the sampler's block form (faster), optional.
+        negatives: sampled negatives, indices into ``pool`` ``(A, R)``, or candidate blocks (faster).
 
     Shape:
-        - anchors, positives: :math:`(A, D)`; pool: :math:`(M, D)`; negative_index: :math:`(A, R)`
+        - anchors, positives: :math:`(A, D)`; pool: :math:`(M, D)`; negatives: :math:`(A, R)`
         - output: scalar float
 
     Returns:
         :math:`\Delta \in [-2, 2]`; ``nan`` when there are no anchors or no negatives.
     """
-    _check_pairs(anchors, positives, pool, negative_index)
-    if negative_index.numel() == 0:
+    _check_pairs(anchors, positives, pool, negatives)
+    count = negatives.numel() if isinstance(negatives, Tensor) else negatives.num_anchors * negatives.num_negatives
+    if count == 0:
         return torch.tensor(float("nan"), device=anchors.device)
     anchors_n = _normalized(anchors)
     mean_positive = (anchors_n * _normalized(positives)).sum(dim=-1).mean()
-    total_negative = _sum_negative_cosine(anchors_n, _normalized(pool), negative_index, blocks)
-    return (mean_positive - total_negative / negative_index.numel()).float()
+    total_negative = _sum_negative_cosine(anchors_n, _normalized(pool), negatives)
+    return (mean_positive - total_negative / count).float()

@@ -81,14 +81,19 @@ class ContrastOutput:
     Attributes:
         loss: the scalar loss (differentiable).
         stats: diagnostics, :class:`ContrastStats`.
-        negative_index: sampled negatives ``(A, R)``, indices into the pool (for inspection/tests).
+        samples: the sampler's output (``None`` when no anchor was sampled).
         anchor_index: the anchors' flat positions ``b·h·w + p`` in the local batch, ``(A,)``.
     """
 
     loss: Tensor
     stats: ContrastStats = field(default_factory=ContrastStats)
-    negative_index: Tensor | None = None
+    samples: NegativeSamples | None = None
     anchor_index: Tensor | None = None
+
+    @property
+    def negative_index(self) -> Tensor | None:
+        """Sampled negatives ``(A, R)``, indices into the pool (batch rows first, then bank rows)."""
+        return self.samples.index if self.samples is not None else None
 
 
 class InstanceAwarePixelContrast(nn.Module):
@@ -300,10 +305,10 @@ class InstanceAwarePixelContrast(nn.Module):
         positives = z_strong_flat[anchor_flat]  # (A, D)
         if self.loss_type == "infonce":
             loss = pixel_info_nce(
-                anchors, positives, pool_z, samples.index, self.temperature, backend=self.backend, blocks=samples.blocks
+                anchors, positives, pool_z, samples.blocks, self.temperature, backend=self.backend
             )
         else:
-            loss = pixel_hinge(anchors, positives, pool_z, samples.index, self.margin)
+            loss = pixel_hinge(anchors, positives, pool_z, samples.blocks, self.margin)
 
         stats = self._stats(samples, anchors, positives, pool_z, pool_size, bank_z.shape[0])
         if instance_ids is not None:
@@ -312,7 +317,7 @@ class InstanceAwarePixelContrast(nn.Module):
             )
         if self.memory_bank is not None and self.training and probs is not None:
             self.memory_bank.enqueue(z_strong_flat[local_pool].detach(), probs[local_pool], generator=generator)
-        return ContrastOutput(loss=loss, stats=stats, negative_index=samples.index, anchor_index=anchor_flat)
+        return ContrastOutput(loss=loss, stats=stats, samples=samples, anchor_index=anchor_flat)
 
     def _choose_anchors(self, num_valid: int, device: torch.device, generator: torch.Generator | None) -> Tensor:
         if self.max_anchors is None or num_valid <= self.max_anchors:
@@ -342,7 +347,7 @@ class InstanceAwarePixelContrast(nn.Module):
             with torch.no_grad():
                 positive_cos = F.cosine_similarity(anchors.detach().float(), positives.detach().float(), dim=1).mean()
                 margin = empirical_margin(
-                    anchors.detach(), positives.detach(), pool_z.detach(), samples.index, samples.blocks
+                    anchors.detach(), positives.detach(), pool_z.detach(), samples.blocks
                 )
             stats.positive_cosine = float(positive_cos)
             stats.margin = float(margin)

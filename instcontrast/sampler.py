@@ -55,9 +55,17 @@ class CandidateBlocks:
     starts: tuple[int, ...]
     candidates: tuple[Tensor, ...]
     columns: tuple[Tensor, ...]
+    num_negatives: int = 0
+
+    @property
+    def num_anchors(self) -> int:
+        """``A``, the rows of all blocks together."""
+        return sum(cols.shape[0] for cols in self.columns)
 
     def to_index(self) -> Tensor:
         """The negatives as pool indices, ``(A, R)``."""
+        if not self.columns:
+            return torch.empty(0, self.num_negatives, dtype=torch.long)
         return torch.cat([cand[cols] for cand, cols in zip(self.candidates, self.columns)], dim=0)
 
 
@@ -66,8 +74,7 @@ class NegativeSamples:
     """Sampled negatives and how they were obtained.
 
     Attributes:
-        index: for each anchor, ``R`` indices into the pool, ``(A, R)`` int64.
-        blocks: the same negatives in block form (:class:`CandidateBlocks`), or ``None``.
+        blocks: the negatives in block form (:class:`CandidateBlocks`), what the loss consumes.
         proposals: candidates scored in total.
         accepted: proposals accepted; ``accepted / proposals`` estimates the mean score.
         fallbacks: slots filled by the uniform fallback (0 for an exact sample).
@@ -75,13 +82,21 @@ class NegativeSamples:
         rounds: proposal rounds run (the most any block needed).
     """
 
-    index: Tensor
-    blocks: CandidateBlocks | None = None
+    blocks: CandidateBlocks
     proposals: int = 0
     accepted: int = 0
     fallbacks: int = 0
     fallback_anchors: int = 0
     rounds: int = 0
+
+    @property
+    def index(self) -> Tensor:
+        """For each anchor, ``R`` indices into the pool, ``(A, R)`` int64 (built on first use)."""
+        cached = self.__dict__.get("_index")
+        if cached is None:
+            cached = self.blocks.to_index()
+            object.__setattr__(self, "_index", cached)  # a cache, not state: frozen otherwise
+        return cached
 
     @property
     def acceptance_rate(self) -> float:
@@ -324,10 +339,8 @@ class InstanceAwareSampler:
             max_rounds_used = max(max_rounds_used, rounds)
             acceptance_estimate = first_round_estimate  # the next block starts like this one did
             start = stop
-        blocks = CandidateBlocks(tuple(starts), tuple(block_candidates), tuple(block_columns))
-        index = blocks.to_index() if num_anchors else torch.empty(0, num_negatives, dtype=torch.long, device=device)
+        blocks = CandidateBlocks(tuple(starts), tuple(block_candidates), tuple(block_columns), num_negatives)
         return NegativeSamples(
-            index=index,
             blocks=blocks,
             proposals=proposals,
             accepted=accepted,

@@ -130,7 +130,7 @@ def test_no_anchors_gives_zero_attached_to_graph() -> None:
     [
         (lambda: pixel_info_nce(torch.randn(3, 4), torch.randn(3, 5), torch.randn(2, 4), torch.zeros(3, 1, dtype=torch.long)), "positives"),
         (lambda: pixel_info_nce(torch.randn(3, 4), torch.randn(3, 4), torch.randn(2, 5), torch.zeros(3, 1, dtype=torch.long)), "pool"),
-        (lambda: pixel_info_nce(torch.randn(3, 4), torch.randn(3, 4), torch.randn(2, 4), torch.zeros(2, 1, dtype=torch.long)), "negative_index"),
+        (lambda: pixel_info_nce(torch.randn(3, 4), torch.randn(3, 4), torch.randn(2, 4), torch.zeros(2, 1, dtype=torch.long)), "negatives must have shape"),
         (lambda: pixel_info_nce(torch.randn(3, 4), torch.randn(3, 4), torch.randn(2, 4), torch.zeros(3, 1, dtype=torch.long), temperature=0.0), "temperature"),
         (lambda: fused_probability(torch.randn(1, 2, 4, 4), torch.randn(1, 2, 1)), "no-object"),
         (lambda: fused_probability(torch.randn(1, 2, 4, 4), torch.randn(1, 3, 4)), "disagree"),

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 import instcontrast._backend as backend_module
+from instcontrast import InstanceAwarePixelContrast
 from instcontrast._backend import TRITON_INSTALL_HINT, resolve_backend
 from instcontrast.ops.chunked import sampled_logsumexp_chunked
 from instcontrast.ops.reference import sampled_logsumexp_reference
@@ -473,8 +474,18 @@ def test_deterministic_mode_refuses_the_atomic_pool_gradient_on_gpu() -> None:
         torch.use_deterministic_algorithms(previous, warn_only=previous_warn_only)
 
 
-def test_explicit_triton_on_cpu_without_interpreter_raises(clean_backend_env: pytest.MonkeyPatch) -> None:
+def test_explicit_triton_without_cuda_raises_at_construction(clean_backend_env: pytest.MonkeyPatch) -> None:
     clean_backend_env.setattr(backend_module, "triton_is_available", lambda: True)
+    clean_backend_env.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        resolve_backend("triton")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        InstanceAwarePixelContrast(backend="triton")
+
+
+def test_explicit_triton_on_cpu_tensors_without_interpreter_raises(clean_backend_env: pytest.MonkeyPatch) -> None:
+    clean_backend_env.setattr(backend_module, "triton_is_available", lambda: True)
+    clean_backend_env.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, CPU inputs
     backend = resolve_backend("triton")
     with pytest.raises(ValueError, match="CUDA"):
         backend.op_for(torch.zeros(2, 3))
