@@ -16,5 +16,5 @@ fi
 # The CUDA build of torch runs on CPU too; these versions are the ones served from this kind of
 # machine's disk. pyproject.toml itself only asks for ranges.
 .venv/bin/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/python -m pip install --quiet -e ".[pipeline,triton,test,docs]"
+.venv/bin/python -m pip install --quiet -e ".[pipeline,triton,test,docs,bench]"
 echo "$want" > "$stamp"
