@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 from ._amp import without_autocast
 from ._backend import Backend, resolve_backend
 from ._checks import check_choice, check_positive, check_predictions
-from .ops.chunked import accumulation_dtype, default_block_size, sampled_logsumexp_blocked
+from .ops.chunked import accumulation_dtype, block_scores, default_block_size, sampled_logsumexp_blocked
 
 __all__ = [
     "STRATEGIES",
@@ -336,8 +336,8 @@ def false_negative_rate(anchor_ids: Tensor, negative_ids: Tensor, ignore_index: 
 def _sum_negative_cosine(anchors_n: Tensor, pool_n: Tensor, negatives: Tensor | CandidateBlocks) -> Tensor:
     total = anchors_n.new_zeros(())
     if not isinstance(negatives, Tensor):
-        for start, candidates, columns in zip(negatives.starts, negatives.candidates, negatives.columns):
-            scores = anchors_n[start : start + columns.shape[0]] @ pool_n[candidates].T  # (c, m)
+        for block, (start, columns) in enumerate(zip(negatives.starts, negatives.columns)):
+            scores = block_scores(anchors_n[start : start + columns.shape[0]], pool_n, negatives, block)  # (c, m)
             total += scores.gather(1, columns).sum()
         return total
     size = default_block_size(max(1, negatives.shape[1]), anchors_n.shape[1])

@@ -46,16 +46,30 @@ class CandidateBlocks:
     ``chunked`` backend score a whole block with one matrix product instead of gathering
     ``c_b · R`` embedding rows.
 
+    A block's candidate list is the concatenation of its proposal rounds. Later rounds serve only
+    the anchors still short, so ``segments[b]`` lists, per round, ``(rows, lo, hi)``: the block's
+    local rows that may point into ``candidates[b][lo:hi]`` (``None`` = every row). Scoring only
+    those (row, column) ranges gives the same values for every chosen column at less cost.
+
     Attributes:
         starts: first anchor of each block.
         candidates: per block, the candidate pool indices.
         columns: per block, each anchor's negatives as positions in ``candidates[b]``.
+        num_negatives: ``R``.
+        segments: per block, the ``(rows, lo, hi)`` ranges above; empty = one segment covering all.
     """
 
     starts: tuple[int, ...]
     candidates: tuple[Tensor, ...]
     columns: tuple[Tensor, ...]
     num_negatives: int = 0
+    segments: tuple[tuple[tuple[Tensor | None, int, int], ...], ...] = ()
+
+    def block_segments(self, block: int) -> tuple[tuple[Tensor | None, int, int], ...]:
+        """The ``(rows, lo, hi)`` segments of one block."""
+        if self.segments:
+            return self.segments[block]
+        return ((None, 0, self.candidates[block].numel()),)
 
     @property
     def num_anchors(self) -> int:
@@ -274,7 +288,7 @@ class InstanceAwareSampler:
         device = anchor_pool_index.device
         num_anchors, num_negatives = anchor_pool_index.shape[0], self.num_negatives
         acceptance_estimate = self.uniform_acceptance if self.strategy == "uniform" else 0.5
-        starts, block_candidates, block_columns = [], [], []
+        starts, block_candidates, block_columns, block_segments = [], [], [], []
         proposals = accepted = max_rounds_used = fallbacks = fallback_anchors = 0
         start = 0
         while start < num_anchors:
@@ -287,6 +301,7 @@ class InstanceAwareSampler:
             filled = torch.zeros(size, dtype=torch.long, device=device)  # (c,)
             pending = torch.arange(size, device=device)  # local rows still short
             candidate_parts: list[Tensor] = []
+            segments: list[tuple[Tensor | None, int, int]] = []
             offset = rounds = 0
             while pending.numel() > 0 and rounds < self.max_rounds:
                 rounds += 1
@@ -313,6 +328,7 @@ class InstanceAwareSampler:
                     columns[pending] = columns[pending].scatter_(1, slot, values)
                 filled[pending] = torch.minimum(already + rank[:, -1], torch.tensor(num_negatives, device=device))
                 candidate_parts.append(candidates)
+                segments.append((None if whole_block else pending, offset, offset + num_candidates))
                 offset += num_candidates
                 round_accepted = int(rank[:, -1].sum())
                 proposals += accept.numel()
@@ -331,15 +347,19 @@ class InstanceAwareSampler:
                 block_rows[short] = offset + torch.arange(count, device=device)
                 columns[pending] = block_rows
                 candidate_parts.append(fallback[short])
+                segments.append((pending, offset, offset + count))
                 fallbacks += count
                 fallback_anchors += int(pending.numel())
             starts.append(start)
             block_candidates.append(torch.cat(candidate_parts))
             block_columns.append(columns)
+            block_segments.append(tuple(segments))
             max_rounds_used = max(max_rounds_used, rounds)
             acceptance_estimate = first_round_estimate  # the next block starts like this one did
             start = stop
-        blocks = CandidateBlocks(tuple(starts), tuple(block_candidates), tuple(block_columns), num_negatives)
+        blocks = CandidateBlocks(
+            tuple(starts), tuple(block_candidates), tuple(block_columns), num_negatives, tuple(block_segments)
+        )
         return NegativeSamples(
             blocks=blocks,
             proposals=proposals,

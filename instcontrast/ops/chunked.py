@@ -16,12 +16,20 @@ contribution. Peak extra memory is one block, independent of ``A``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from .._amp import without_autocast
 
-__all__ = ["sampled_logsumexp_chunked", "sampled_logsumexp_blocked", "default_block_size", "accumulation_dtype"]
+__all__ = [
+    "sampled_logsumexp_chunked",
+    "sampled_logsumexp_blocked",
+    "block_scores",
+    "default_block_size",
+    "accumulation_dtype",
+]
 
 _TARGET_BLOCK_BYTES = 2 * 1024 * 1024  # one gathered block of negatives, sized to stay in cache
 
@@ -115,32 +123,49 @@ def sampled_logsumexp_chunked(
     return _SampledLogSumExp.apply(anchors, pool, negative_index, float(scale), int(block_size))
 
 
+def block_scores(block_anchors: Tensor, pool: Tensor, blocks: Any, block: int) -> Tensor:
+    """Dot products of one block's anchors with its candidates, ``(c, m)``, segment by segment.
+
+    Entries outside every segment (rows that never point into a later round's columns) are left
+    uninitialized: they are never read.
+    """
+    candidates = blocks.candidates[block]
+    segments = blocks.block_segments(block)
+    if len(segments) == 1 and segments[0][0] is None:
+        return block_anchors @ pool[candidates].T  # (c, m)
+    scores = block_anchors.new_empty(block_anchors.shape[0], candidates.numel())  # (c, m)
+    for rows, lo, hi in segments:
+        if rows is None:
+            scores[:, lo:hi] = block_anchors @ pool[candidates[lo:hi]].T
+        else:
+            scores[rows, lo:hi] = block_anchors[rows] @ pool[candidates[lo:hi]].T
+    return scores
+
+
 class _BlockedLogSumExp(torch.autograd.Function):
     """Same value as :class:`_SampledLogSumExp`, for negatives given as candidate blocks."""
 
     @staticmethod
     @without_autocast(1)
-    def forward(ctx, anchors: Tensor, pool: Tensor, scale: float, starts, candidates, columns):
+    def forward(ctx, anchors: Tensor, pool: Tensor, scale: float, blocks: Any):
         accumulate = accumulation_dtype(anchors.dtype, pool.dtype)
         anchors_acc = anchors.to(accumulate)  # (A, D)
         pool_acc = pool.to(accumulate)  # (M, D)
         lse = torch.empty(anchors.shape[0], dtype=accumulate, device=anchors.device)  # (A,)
-        for start, block_candidates, block_columns in zip(starts, candidates, columns):
+        for block, (start, block_columns) in enumerate(zip(blocks.starts, blocks.columns)):
             stop = start + block_columns.shape[0]
-            scores = anchors_acc[start:stop] @ pool_acc[block_candidates].T  # (c, m)
+            scores = block_scores(anchors_acc[start:stop], pool_acc, blocks, block)  # (c, m)
             lse[start:stop] = torch.logsumexp(scores.gather(1, block_columns) * scale, dim=1)
-        ctx.save_for_backward(anchors, pool, lse, *candidates, *columns)
+        ctx.save_for_backward(anchors, pool, lse)
         ctx.scale = scale
-        ctx.starts = starts
+        ctx.blocks = blocks  # index tensors only: nothing here requires grad
         return lse
 
     @staticmethod
     @without_autocast(1)
     def backward(ctx, grad_lse: Tensor):
-        anchors, pool, lse, *saved = ctx.saved_tensors
-        num_blocks = len(ctx.starts)
-        candidates, columns = saved[:num_blocks], saved[num_blocks:]
-        scale = ctx.scale
+        anchors, pool, lse = ctx.saved_tensors
+        blocks, scale = ctx.blocks, ctx.scale
         accumulate = lse.dtype
         anchors_acc = anchors.to(accumulate)
         pool_acc = pool.to(accumulate)
@@ -148,24 +173,33 @@ class _BlockedLogSumExp(torch.autograd.Function):
         need_anchor_grad, need_pool_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_anchors = torch.zeros_like(anchors_acc) if need_anchor_grad else None  # (A, D)
         grad_pool = torch.zeros_like(pool_acc) if need_pool_grad else None  # (M, D)
-        for start, block_candidates, block_columns in zip(ctx.starts, candidates, columns):
+        for block, (start, block_columns) in enumerate(zip(blocks.starts, blocks.columns)):
             stop = start + block_columns.shape[0]
-            block_pool = pool_acc[block_candidates]  # (m, D)
             block_anchors = anchors_acc[start:stop]  # (c, D)
-            chosen = (block_anchors @ block_pool.T).gather(1, block_columns) * scale  # (c, R)
+            candidates = blocks.candidates[block]  # (m,)
+            chosen = block_scores(block_anchors, pool_acc, blocks, block).gather(1, block_columns) * scale  # (c, R)
             weights = torch.exp(chosen - lse[start:stop, None]) * (grad_lse[start:stop, None] * scale)  # (c, R)
             # d lse / d score[c, j] summed over the slots that chose column j (repeats add up)
-            score_grad = torch.zeros(block_columns.shape[0], block_pool.shape[0], dtype=accumulate, device=anchors.device)
+            score_grad = torch.zeros(block_columns.shape[0], candidates.numel(), dtype=accumulate, device=anchors.device)
             score_grad.scatter_add_(1, block_columns, weights)  # (c, m)
-            if grad_anchors is not None:
-                grad_anchors[start:stop] = score_grad @ block_pool  # (c, D)
-            if grad_pool is not None:
-                grad_pool.index_add_(0, block_candidates, score_grad.T @ block_anchors)  # (m, D) into (M, D)
+            for rows, lo, hi in blocks.block_segments(block):
+                segment_pool = pool_acc[candidates[lo:hi]]  # (m_s, D)
+                if rows is None:
+                    segment_grad, segment_anchors = score_grad[:, lo:hi], block_anchors  # (c, m_s), (c, D)
+                else:
+                    segment_grad, segment_anchors = score_grad[rows, lo:hi], block_anchors[rows]  # (p, m_s), (p, D)
+                if grad_anchors is not None:
+                    if rows is None:
+                        grad_anchors[start:stop] += segment_grad @ segment_pool  # (c, D)
+                    else:
+                        grad_anchors.index_add_(0, start + rows, segment_grad @ segment_pool)  # (p, D)
+                if grad_pool is not None:
+                    grad_pool.index_add_(0, candidates[lo:hi], segment_grad.T @ segment_anchors)  # (m_s, D)
         if grad_anchors is not None:
             grad_anchors = grad_anchors.to(anchors.dtype)
         if grad_pool is not None:
             grad_pool = grad_pool.to(pool.dtype)
-        return grad_anchors, grad_pool, None, None, None, None
+        return grad_anchors, grad_pool, None, None
 
 
 def sampled_logsumexp_blocked(anchors: Tensor, pool: Tensor, blocks, scale: float) -> Tensor:
@@ -191,6 +225,4 @@ def sampled_logsumexp_blocked(anchors: Tensor, pool: Tensor, blocks, scale: floa
         The per-anchor log-sum-exp, equal to :func:`sampled_logsumexp_chunked` on
         ``blocks.to_index()``.
     """
-    return _BlockedLogSumExp.apply(
-        anchors, pool, float(scale), tuple(blocks.starts), tuple(blocks.candidates), tuple(blocks.columns)
-    )
+    return _BlockedLogSumExp.apply(anchors, pool, float(scale), blocks)
