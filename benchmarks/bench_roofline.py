@@ -54,7 +54,7 @@ class SampleGeometry:
         proposals: candidates the sampler scored (``NegativeSamples.proposals``).
         blocked: whether the loss scores the sampler's candidate blocks with matrix products
             (the ``chunked`` path with ``NegativeSamples.blocks``) rather than gathering ``A·R`` rows.
-        dense_pairs: ``Σ_b c_b·m_b`` over the candidate blocks (anchors × candidates of each
+        dense_pairs: ``Σ_b Σ_segments rows·m`` over the candidate blocks (anchors × candidates of each
             block), or ``None`` when the sampler returned no blocks.
         candidate_rows: ``Σ_b m_b``, the candidates drawn (and gathered) per block, or ``None``.
     """
@@ -71,7 +71,11 @@ def sample_geometry(samples: Any, blocked: bool) -> SampleGeometry:
     blocks = getattr(samples, "blocks", None)
     if blocks is None:
         return SampleGeometry(float(samples.proposals), False, None, None)
-    dense = float(sum(columns.shape[0] * candidates.numel() for candidates, columns in zip(blocks.candidates, blocks.columns)))
+    # the pairs the blocked path scores: each proposal round (segment) only for the rows it serves
+    dense = 0.0
+    for block, columns in enumerate(blocks.columns):
+        for rows, lo, hi in blocks.block_segments(block):
+            dense += (columns.shape[0] if rows is None else rows.numel()) * (hi - lo)
     rows = float(sum(candidates.numel() for candidates in blocks.candidates))
     return SampleGeometry(float(samples.proposals), blocked, dense, rows)
 
