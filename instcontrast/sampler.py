@@ -317,20 +317,21 @@ class InstanceAwareSampler:
                 accept = self._accept(row_probs, pool_probs, own[pending], candidates, generator)  # (p, m)
                 # a row's k-th acceptance is its k-th draw: slot = already filled + rank - 1; acceptances
                 # beyond the row's need (and rejections) go to the spare column R, which is dropped
-                rank = accept.cumsum(dim=1)  # (p, m)
+                slot = accept.cumsum(dim=1)  # (p, m): 1-based rank of each acceptance in its row
+                counts = slot[:, -1].clone()  # (p,) acceptances per row
                 already = filled[pending]  # (p,)
-                take = accept & (rank <= (num_negatives - already)[:, None])  # (p, m)
-                slot = torch.where(take, rank + (already - 1)[:, None], num_negatives)  # (p, m)
+                slot.add_((already - 1)[:, None])
+                slot = torch.where(accept, slot, num_negatives).clamp_(max=num_negatives)  # (p, m)
                 values = torch.arange(offset, offset + num_candidates, device=device).expand_as(slot)
                 if whole_block:
                     columns.scatter_(1, slot, values)
                 else:
                     columns[pending] = columns[pending].scatter_(1, slot, values)
-                filled[pending] = torch.minimum(already + rank[:, -1], torch.tensor(num_negatives, device=device))
+                filled[pending] = (already + counts).clamp_(max=num_negatives)
                 candidate_parts.append(candidates)
                 segments.append((None if whole_block else pending, offset, offset + num_candidates))
                 offset += num_candidates
-                round_accepted = int(rank[:, -1].sum())
+                round_accepted = int(counts.sum())
                 proposals += accept.numel()
                 accepted += round_accepted
                 if rounds == 1 or round_accepted > 0:
