@@ -234,7 +234,7 @@ class InstanceAwarePixelContrast(nn.Module):
         Returns:
             :class:`ContrastOutput`.
         """
-        batch, dim, height, width = check_embeddings(z_weak, z_strong)
+        check_embeddings(z_weak, z_strong)
         with autocast_off(z_weak):  # similarities and log-sum-exp accumulate in float32 under AMP
             return self._forward(z_weak, z_strong, mask_logits, class_logits, valid, instance_ids, generator)
 
@@ -256,7 +256,8 @@ class InstanceAwarePixelContrast(nn.Module):
         probs = None  # (B·N, E)
         if self.strategy != "uniform" or self.memory_bank is not None:
             if mask_logits is None or class_logits is None:
-                raise ValueError(f"strategy={self.strategy!r} needs mask_logits (B, K, H, W) and class_logits (B, K, C+1)")
+                needed_by = "the memory bank (it stores fused probabilities)" if self.strategy == "uniform" else f"strategy={self.strategy!r}"
+                raise ValueError(f"{needed_by} needs mask_logits (B, K, H, W) and class_logits (B, K, C+1)")
             check_predictions(mask_logits, class_logits, batch)
             check_finite("mask_logits", mask_logits)
             check_finite("class_logits", class_logits)
