@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .ops.chunked import sampled_logsumexp_blocked, sampled_logsumexp_chunked
+from .ops.chunked import sampled_logsumexp_chunked
 from .ops.reference import sampled_logsumexp_reference
 
 __all__ = ["BACKENDS", "Backend", "resolve_backend", "triton_is_available", "triton_interpret_enabled"]

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ._amp import autocast_off
 from ._checks import check_choice, check_positive
-from .functional import SCORES, STRATEGIES, transform_score
+from .functional import SCORES, STRATEGIES
 
 __all__ = ["InstanceAwareSampler", "NegativeSamples", "CandidateBlocks"]
 

@@ -66,7 +66,6 @@ def test_a_pool_with_all_zero_scores_falls_back_to_uniform_and_says_so() -> None
 
 
 def test_anchor_outside_the_pool_can_sample_any_row() -> None:
-    probs = _small_pool(6, "fusion")
     out = InstanceAwareSampler(num_negatives=2000, strategy="uniform")(None, None, torch.tensor([-1]), pool_size=12)
     assert torch.bincount(out.index[0], minlength=12).min() > 0
 
