@@ -33,6 +33,7 @@ from .functional import SCORES, STRATEGIES
 
 __all__ = ["InstanceAwareSampler", "NegativeSamples", "CandidateBlocks"]
 
+_SAFETY = 1.25  # proposals per missing slot, relative to 1 / acceptance
 _BLOCK_ELEMENTS = 1 << 20  # anchors × candidates scored at once (4 MiB of float32 scores: cache-friendly)
 
 
@@ -292,7 +293,7 @@ class InstanceAwareSampler:
         proposals = accepted = max_rounds_used = fallbacks = fallback_anchors = 0
         start = 0
         while start < num_anchors:
-            first_round = math.ceil(1.25 * num_negatives / acceptance_estimate) + 16
+            first_round = math.ceil(_SAFETY * num_negatives / acceptance_estimate) + 16
             first_round = min(first_round, self.max_proposals_per_slot * num_negatives)
             stop = min(num_anchors, start + max(1, _BLOCK_ELEMENTS // first_round))
             size = stop - start
@@ -306,7 +307,7 @@ class InstanceAwareSampler:
             while pending.numel() > 0 and rounds < self.max_rounds:
                 rounds += 1
                 max_missing = int(num_negatives - filled[pending].min())
-                wanted = math.ceil(1.25 * max_missing / acceptance_estimate) + 16
+                wanted = math.ceil(_SAFETY * max_missing / acceptance_estimate) + 16
                 num_candidates = min(wanted, self.max_proposals_per_slot * max_missing)
                 candidates = torch.randint(0, pool_size, (num_candidates,), generator=generator, device=device)  # (m,)
                 whole_block = pending.numel() == size
