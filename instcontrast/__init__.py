@@ -22,13 +22,14 @@ from .functional import (
 )
 from .loss import ContrastOutput, ContrastStats, InstanceAwarePixelContrast
 from .memory_bank import PixelMemoryBank
-from .sampler import InstanceAwareSampler, NegativeSamples
+from .sampler import CandidateBlocks, InstanceAwareSampler, NegativeSamples
 from .views import ViewGeometry, align_views
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "CandidateBlocks",
     "SCORES",
     "STRATEGIES",
     "ContrastOutput",
