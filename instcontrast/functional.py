@@ -130,7 +130,7 @@ def debias_score(anchor_probs: Tensor, candidate_probs: Tensor, score: str = "li
 
 
 def transform_score(linear_score: Tensor, score: str) -> Tensor:
-    """Apply the score variant to a linear score already clamped to ``[0, 1]`` (in place when possible)."""
+    """Apply the score variant (``"linear"``, ``"squared"``, ``"sqrt"``) to a linear score in ``[0, 1]``."""
     if score == "squared":
         return linear_score.square()
     if score == "sqrt":

@@ -30,6 +30,7 @@ from .functional import (
     fused_probability,
     pixel_hinge,
     pixel_info_nce,
+    positive_similarity,
 )
 from .memory_bank import PixelMemoryBank
 from .sampler import InstanceAwareSampler, NegativeSamples
@@ -346,7 +347,7 @@ class InstanceAwarePixelContrast(nn.Module):
         )
         if self.compute_stats:
             with torch.no_grad():
-                positive_cos = F.cosine_similarity(anchors.detach().float(), positives.detach().float(), dim=1).mean()
+                positive_cos = positive_similarity(anchors.detach(), positives.detach()).mean()
                 margin = empirical_margin(
                     anchors.detach(), positives.detach(), pool_z.detach(), samples.blocks
                 )

@@ -342,10 +342,10 @@ class InstanceAwareSampler:
                 pending = pending[filled[pending] < num_negatives]
             columns = columns[:, :num_negatives].contiguous()  # (c, R): drop the spare column
             if pending.numel() > 0:  # bounded rounds exhausted (or every score 0): uniform fallback
-                short = columns[pending] < 0  # (p, R)
+                block_rows = columns[pending]  # (p, R)
+                short = block_rows < 0  # (p, R)
                 count = int(short.sum())
                 fallback = _uniform_excluding(own[pending], pool_size, (pending.numel(), num_negatives), generator)
-                block_rows = columns[pending]
                 block_rows[short] = offset + torch.arange(count, device=device)
                 columns[pending] = block_rows
                 candidate_parts.append(fallback[short])
