@@ -1,0 +1,230 @@
+"""Command line: ``python -m reference_pipeline <command> [--config FILE] [--set key=value ...]``.
+
+Commands (each reads the run directory the previous ones wrote, so they can run one by one):
+
+* ``demo`` — the whole method on the built-in dataset: teacher pretraining (cached), zero-shot
+  evaluation, the three stages, a supervised-only baseline, and ``report.md`` with plots.
+* ``adapt-teacher``, ``distill``, ``refine``, ``baseline`` — one stage each.
+* ``evaluate`` — mask AP of the trained models on the validation split.
+* ``predict`` — a trained model on a folder of images: overlays + COCO-format results JSON.
+* ``export`` — the trained student to ONNX, checked against PyTorch with onnxruntime.
+* ``compare-sampling`` — the sampling strategies on fixed predictions (FNR, margins, plots).
+* ``ablate`` — the paper's ablations at small scale (see ``configs/ablations.yaml``).
+
+Errors a user can fix (missing files, bad config keys, unreadable images) are printed as one
+message, without a traceback; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+__all__ = ["main", "build_parser", "QUICK_OVERRIDES"]
+
+logger = logging.getLogger("reference_pipeline")
+
+#: ``--quick``: tiny sizes that exercise every stage and the report in about a minute (CI).
+QUICK_OVERRIDES: tuple[str, ...] = (
+    "data.synthetic_size=[16,12,16,8]",
+    "data.synthetic_image_size=[64,64]",
+    "data.image_size=[64,64]",
+    "teacher_pretrain.train.steps=6",
+    "teacher_finetune.train.steps=3",
+    "teacher_self_train.train.steps=3",
+    "distill.train.steps=4",
+    "refine.train.steps=2",
+    "baseline.train.steps=6",
+    "contrast.num_negatives=32",
+    "eval.latency_repeats=2",
+    "eval.overlay_images=2",
+)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", help="YAML config (default: configs/demo.yaml for demo, else required)")
+    parser.add_argument(
+        "--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set distill.train.steps=200 (repeatable; nested keys with dots)",
+    )
+    parser.add_argument("--run-dir", help="shortcut for --set run_dir=PATH")
+    parser.add_argument("--no-resume", action="store_true", help="start stages from scratch instead of resuming")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds per stage): a smoke test")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command."""
+    parser = argparse.ArgumentParser(
+        prog="python -m reference_pipeline",
+        description="Three-stage semi-supervised distillation with an instance-aware pixel contrastive loss.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    helps = {
+        "demo": "the whole method end to end on the built-in dataset, with report.md",
+        "adapt-teacher": "stage 1: fine-tune, pseudo-label, self-train the teacher",
+        "distill": "stage 2: distill the adapted teacher into the student",
+        "refine": "stage 3: fine-tune the student on labeled data",
+        "baseline": "the supervised-only student (same budget as distill + refine)",
+        "evaluate": "mask AP of trained models on the validation split",
+        "predict": "run a trained model on a folder of images (overlays + COCO results JSON)",
+        "export": "export the trained student to ONNX and verify it with onnxruntime",
+        "compare-sampling": "compare negative-sampling strategies on fixed predictions",
+        "ablate": "the paper's ablations at small scale, over seeds, with ablations.md",
+    }
+    for name, text in helps.items():
+        sub = commands.add_parser(name, help=text, description=text)
+        if name == "compare-sampling":
+            sub.add_argument("args", nargs=argparse.REMAINDER, help="arguments of examples/compare_sampling.py")
+            continue
+        _add_common(sub)
+        if name == "evaluate":
+            sub.add_argument("--stage", action="append", help="stage(s) to evaluate (default: all trained)")
+        if name == "predict":
+            sub.add_argument("images", help="folder of images")
+            sub.add_argument("--out", required=True, help="output folder (overlays + results.json)")
+            sub.add_argument("--stage", default="student_refine", help="which trained model (default: student_refine)")
+            sub.add_argument("--score-threshold", type=float, default=0.5, help="draw predictions above this score")
+        if name == "export":
+            sub.add_argument("--stage", default="student_refine", help="which trained student (default: student_refine)")
+            sub.add_argument("--out", help="ONNX file (default: <run_dir>/student.onnx)")
+        if name == "ablate":
+            sub.add_argument("--only", action="append", help="tables to run, e.g. --only table4 (repeatable)")
+            sub.add_argument("--seeds", type=int, help="seeds per cell (default from the ablation config)")
+    return parser
+
+
+def _load(args: argparse.Namespace, default_config: str | None):
+    from .pipeline_config import load_pipeline_config
+
+    config = args.config or default_config
+    if config is None:
+        raise FileNotFoundError("this command needs --config FILE (e.g. configs/demo.yaml)")
+    overrides = list(QUICK_OVERRIDES) if args.quick else []
+    if args.quick:
+        overrides.append("run_dir=runs/quick")
+    overrides += list(args.overrides)
+    if args.run_dir:
+        overrides.append(f"run_dir={args.run_dir}")
+    cfg = load_pipeline_config(config, overrides)
+    if cfg.threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    return cfg
+
+
+def _default_config() -> str:
+    return str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    cfg = _load(args, _default_config())
+    report = run_demo(cfg, resume=not args.no_resume, progress=not args.no_progress)
+    print(f"report: {report}")
+
+
+def _stage_command(name: str) -> Callable[[argparse.Namespace], None]:
+    def run(args: argparse.Namespace) -> None:
+        from . import stages
+
+        cfg = _load(args, None)
+        datasets = stages.load_datasets(cfg, progress=not args.no_progress)
+        function = {
+            "adapt-teacher": stages.adapt_teacher,
+            "distill": stages.distill,
+            "refine": stages.refine,
+            "baseline": stages.supervised_baseline,
+        }[name]
+        start = time.perf_counter()
+        function(cfg, datasets, resume=not args.no_resume, progress=not args.no_progress)
+        print(f"{name}: done in {time.perf_counter() - start:.1f} s; outputs under {cfg.run_dir}")
+
+    return run
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from . import stages
+
+    cfg = _load(args, None)
+    datasets = stages.load_datasets(cfg, progress=not args.no_progress)
+    names = args.stage or [s for s in stages.EVALUABLE if s == "teacher_zero_shot" or (cfg.run_path / s / stages.WEIGHTS_FILE).is_file()]
+    for name in names:
+        metrics = stages.evaluate_stage(cfg, datasets, name, progress=not args.no_progress)
+        print(f"{name:20s} AP {metrics['AP']:6.2f}  AP50 {metrics['AP50']:6.2f}  params {metrics['parameters'] / 1e6:6.2f}M")
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from .predict import predict_folder
+
+    cfg = _load(args, None)
+    out = predict_folder(cfg, Path(args.images), Path(args.out), stage=args.stage, score_threshold=args.score_threshold,
+                         progress=not args.no_progress)
+    print(f"predictions: {out}")
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from .export import export_onnx
+
+    cfg = _load(args, None)
+    path = Path(args.out) if args.out else cfg.run_path / "student.onnx"
+    result = export_onnx(cfg, stage=args.stage, path=path)
+    print(f"exported {result.path} (max |onnx - torch| = {result.max_abs_diff:.2e})")
+
+
+def _cmd_compare_sampling(args: argparse.Namespace) -> None:
+    import runpy
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "compare_sampling.py"
+    sys.argv = [str(script), *[a for a in args.args if a != "--"]]
+    runpy.run_path(str(script), run_name="__main__")
+
+
+def _cmd_ablate(args: argparse.Namespace) -> None:
+    from .ablate import run_ablations
+
+    config = args.config or str(Path(__file__).resolve().parents[1] / "configs" / "ablations.yaml")
+    report = run_ablations(config, overrides=args.overrides, only=args.only, seeds=args.seeds, quick=args.quick,
+                           resume=not args.no_resume, progress=not args.no_progress, run_dir=args.run_dir)
+    print(f"report: {report}")
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "demo": _cmd_demo,
+    "adapt-teacher": _stage_command("adapt-teacher"),
+    "distill": _stage_command("distill"),
+    "refine": _stage_command("refine"),
+    "baseline": _stage_command("baseline"),
+    "evaluate": _cmd_evaluate,
+    "predict": _cmd_predict,
+    "export": _cmd_export,
+    "compare-sampling": _cmd_compare_sampling,
+    "ablate": _cmd_ablate,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; returns the process exit code (2 for a user error, printed without a traceback)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+
+    try:
+        COMMANDS[args.command](args)
+    except (ConfigError, FileNotFoundError, NotADirectoryError, PermissionError, CheckpointError, ValueError, OSError) as error:
+        if getattr(args, "debug", False):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,86 @@
+"""Export a trained student to ONNX and check it against PyTorch with onnxruntime.
+
+The exported graph takes ``images (B, 3, H, W)`` float in ``[0, 1]`` at the run's image size and
+returns ``mask_logits (B, K, H/4, W/4)`` and ``class_logits (B, K, C+1)`` — what
+:func:`reference_pipeline.evaluate.postprocess_mask2former` turns into instances.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .pipeline_config import PipelineConfig
+
+__all__ = ["ExportResult", "export_onnx", "export_model", "InferenceWrapper"]
+
+
+@dataclass
+class ExportResult:
+    """An exported model and how closely onnxruntime reproduces PyTorch.
+
+    Attributes:
+        path: the ``.onnx`` file.
+        max_abs_diff: largest absolute difference over both outputs on a random batch.
+        outputs: output names.
+    """
+
+    path: Path
+    max_abs_diff: float
+    outputs: tuple[str, ...]
+
+
+class InferenceWrapper(nn.Module):
+    """Returns the student's ``(mask_logits, class_logits)`` as a tuple (what ONNX can express)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        output = self.model(images)
+        return output.mask_logits, output.class_logits
+
+
+def export_model(model: nn.Module, image_size: tuple[int, int], path: Path, *, opset: int = 17) -> ExportResult:
+    """Export ``model`` (eval mode) to ``path`` and verify it with onnxruntime on a random batch of 2.
+
+    Raises:
+        ImportError: if ``onnx`` / ``onnxruntime`` are missing (install the ``pipeline`` extra).
+    """
+    try:
+        import onnxruntime
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError("export needs onnx and onnxruntime: pip install -e '.[pipeline]'") from error
+    model = model.eval()
+    wrapper = InferenceWrapper(model).eval()
+    images = torch.rand(2, 3, *image_size)  # (B, 3, H, W)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with torch.no_grad():
+        expected = wrapper(images)
+        torch.onnx.export(
+            wrapper, (images,), str(tmp), input_names=["images"], output_names=["mask_logits", "class_logits"],
+            dynamic_axes={"images": {0: "batch"}, "mask_logits": {0: "batch"}, "class_logits": {0: "batch"}},
+            opset_version=opset, dynamo=False,
+        )
+    tmp.replace(path)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"images": images.numpy()})
+    diff = max(float(np.abs(g - e.numpy()).max()) for g, e in zip(got, expected))
+    return ExportResult(path, diff, ("mask_logits", "class_logits"))
+
+
+def export_onnx(cfg: PipelineConfig, *, stage: str = "student_refine", path: Path) -> ExportResult:
+    """Export the trained student of ``stage`` from the run directory (see :func:`export_model`)."""
+    from . import stages
+
+    if stages.EVALUABLE.get(stage) != "student":
+        raise ValueError(f"export takes a student stage, one of {[s for s, k in stages.EVALUABLE.items() if k == 'student']}")
+    datasets = stages.load_datasets(cfg, progress=False)
+    model = stages.load_stage_model(cfg, datasets, stage)
+    return export_model(model, tuple(cfg.data.image_size), path)

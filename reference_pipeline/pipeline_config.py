@@ -1,0 +1,219 @@
+"""The pipeline's configuration, top to bottom: data, models, loss terms, and one block per stage.
+
+One :class:`PipelineConfig` describes a whole run. Each training stage is a :class:`StageConfig`: the
+engine's :class:`~reference_pipeline.config.TrainConfig` plus the weights of the unified objective
+``J = L_sup + λ_semi·L_semi + λ_pxl·L_pxl``. Defaults are the paper's Table 7 at full scale; the shipped
+YAML files (``configs/*.yaml``) override what differs (sizes, steps, data paths). Load with
+:func:`load_pipeline_config`, which rejects unknown keys and bad values naming them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .config import TrainConfig, load_config
+from .losses import CriterionConfig
+from .models.student import StudentConfig
+from .models.teacher import TeacherConfig
+from .pseudo_labels import PseudoLabelConfig
+
+__all__ = [
+    "DataConfig",
+    "ContrastConfig",
+    "StageConfig",
+    "EvalConfig",
+    "PipelineConfig",
+    "load_pipeline_config",
+]
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are viewed.
+
+    Attributes:
+        format: ``"synthetic"`` (the built-in dataset, generated under ``root`` on first use),
+            ``"coco"`` (any COCO-format folder), ``"cityscapes"`` or ``"ade20k"``.
+        root: dataset folder (synthetic / Cityscapes / ADE20K) or COCO image root.
+        train_annotations: COCO-format only: instances JSON of the training images.
+        val_annotations: COCO-format only: instances JSON of the validation images.
+        val_images: COCO-format only: image folder of the validation split (default: ``root``).
+        label_fraction: fraction of the training images used as labeled (the rest is unlabeled),
+            e.g. 0.1 for the paper's 10 % setting; the synthetic dataset's labeled pool is
+            ``target_labeled`` and this fraction is taken from it.
+        split_seed: seed of the labeled split.
+        image_size: ``(height, width)`` of the training views and of evaluation inputs.
+        synthetic_size: synthetic only: images per split ``(source_train, target_labeled,
+            target_unlabeled, target_val)``.
+        synthetic_image_size: synthetic only: generated image size.
+        synthetic_seed: synthetic only: generator seed.
+        max_val_images: evaluate on at most this many validation images (0 = all).
+    """
+
+    format: Literal["synthetic", "coco", "cityscapes", "ade20k"] = "synthetic"
+    root: str = "data/synthetic"
+    train_annotations: str = ""
+    val_annotations: str = ""
+    val_images: str = ""
+    label_fraction: float = 1.0
+    split_seed: int = 0
+    image_size: tuple[int, int] = (512, 1024)
+    synthetic_size: tuple[int, int, int, int] = (400, 300, 2000, 300)
+    synthetic_image_size: tuple[int, int] = (128, 128)
+    synthetic_seed: int = 0
+    max_val_images: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
+        if len(self.image_size) != 2 or min(self.image_size) < 16:
+            raise ValueError(f"image_size must be (height, width) >= 16, got {self.image_size}")
+        if self.max_val_images < 0:
+            raise ValueError(f"max_val_images must be >= 0, got {self.max_val_images}")
+
+
+@dataclass
+class ContrastConfig:
+    """The instance-aware pixel contrastive term (``instcontrast.InstanceAwarePixelContrast``).
+
+    Attributes:
+        temperature: InfoNCE temperature ``T`` (paper: 0.2).
+        num_negatives: negatives per anchor ``R`` (paper: 256).
+        strategy: ``"fusion"`` (paper), ``"mask"``, ``"class"`` or ``"uniform"``.
+        score: ``"linear"`` (paper), ``"squared"`` or ``"sqrt"``.
+        loss: ``"infonce"`` (paper) or ``"hinge"``.
+        memory_bank: size of the pixel memory bank (0 = mini-batch negatives only).
+        embedding_dim: output size of the projection head.
+    """
+
+    temperature: float = 0.2
+    num_negatives: int = 256
+    strategy: Literal["uniform", "mask", "class", "fusion"] = "fusion"
+    score: Literal["linear", "squared", "sqrt"] = "linear"
+    loss: Literal["infonce", "hinge"] = "infonce"
+    memory_bank: int = 0
+
+
+@dataclass
+class StageConfig:
+    """One training stage: the loop's settings and the objective's weights.
+
+    Attributes:
+        train: optimizer, schedule, batch, cadence.
+        lambda_semi: weight of the pseudo-label term (0 = no unlabeled data in this stage).
+        lambda_pxl: weight of the pixel contrastive term (paper: 0.2).
+    """
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lambda_semi: float = 1.0
+    lambda_pxl: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.lambda_semi < 0 or self.lambda_pxl < 0:
+            raise ValueError(f"loss weights must be >= 0, got λ_semi={self.lambda_semi}, λ_pxl={self.lambda_pxl}")
+
+
+def _teacher_stage(steps: int, lambda_semi: float) -> StageConfig:
+    return StageConfig(
+        train=TrainConfig(
+            steps=steps, batch_size=4, lr_encoder=5e-5, lr_decoder=5e-5, weight_decay=0.01,
+            scheduler="multistep", milestones=(0.9, 0.95), grad_clip=None,
+        ),
+        lambda_semi=lambda_semi,
+        lambda_pxl=0.2,
+    )
+
+
+def _student_stage(steps: int, lambda_semi: float, lambda_pxl: float) -> StageConfig:
+    return StageConfig(
+        train=TrainConfig(
+            steps=steps, batch_size=8, lr_encoder=5e-5, lr_decoder=5e-4, weight_decay=0.05,
+            scheduler="poly", poly_power=0.9, grad_clip=0.1,
+        ),
+        lambda_semi=lambda_semi,
+        lambda_pxl=lambda_pxl,
+    )
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation and reporting.
+
+    Attributes:
+        batch_size: images per inference pass.
+        top_k: predictions kept per image (Mask2Former's ``test_topk_per_image``).
+        latency_repeats: forward passes timed per model for the report's latency column.
+        overlay_images: validation images shown in the overlay figure.
+    """
+
+    batch_size: int = 8
+    top_k: int = 100
+    latency_repeats: int = 10
+    overlay_images: int = 4
+
+
+@dataclass
+class PipelineConfig:
+    """A whole run of the three-stage method.
+
+    Attributes:
+        run_dir: where checkpoints, metrics, pseudo-labels and the report go.
+        seed: global seed (each stage derives its own).
+        threads: CPU threads for torch (0 = leave torch's default).
+        data: the dataset.
+        teacher_kind: ``"foundation"`` (Grounding-DINO + SAM2 from local weights, the paper's teacher)
+            or ``"demo"`` (a larger model of the student's architecture pretrained on the synthetic
+            ``source`` domain; it only stands in for a foundation model).
+        foundation_teacher: settings of the foundation teacher.
+        demo_teacher: architecture of the demo teacher.
+        student: the student's architecture.
+        criterion: the set criterion's weights (mask 5, dice 5, class 2, no-object 0.1).
+        contrast: the pixel contrastive term.
+        pseudo_labels: how teacher outputs become pseudo-instances (threshold 0.3).
+        teacher_pretrain: demo only: pretraining of the demo teacher on the source domain.
+        teacher_finetune: stage 1a: fine-tune the teacher on the labeled split (``J(θ; Dˡ, ∅, λ_pxl)``).
+        teacher_self_train: stage 1b: re-initialise from the pretrained teacher, train on labeled +
+            pseudo-labeled data.
+        distill: stage 2: the student with supervised, pseudo-label and contrastive terms.
+        refine: stage 3: the student on labeled data only.
+        baseline: the supervised-only student for comparison (same budget as distill + refine).
+        eval: evaluation settings.
+    """
+
+    run_dir: str = "runs/default"
+    seed: int = 0
+    threads: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher_kind: Literal["foundation", "demo"] = "foundation"
+    foundation_teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    demo_teacher: StudentConfig = field(default_factory=StudentConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    criterion: CriterionConfig = field(default_factory=CriterionConfig)
+    contrast: ContrastConfig = field(default_factory=ContrastConfig)
+    pseudo_labels: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    teacher_pretrain: StageConfig = field(default_factory=lambda: _teacher_stage(5000, 0.0))
+    teacher_finetune: StageConfig = field(default_factory=lambda: _teacher_stage(1000, 0.0))
+    teacher_self_train: StageConfig = field(default_factory=lambda: _teacher_stage(5000, 1.0))
+    distill: StageConfig = field(default_factory=lambda: _student_stage(90000, 1.0, 0.2))
+    refine: StageConfig = field(default_factory=lambda: _student_stage(2000, 0.0, 0.0))
+    baseline: StageConfig = field(default_factory=lambda: _student_stage(92000, 0.0, 0.0))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_path(self) -> Path:
+        """``run_dir`` as a path."""
+        return Path(self.run_dir)
+
+
+def load_pipeline_config(path: str | None, overrides: Sequence[str] = ()) -> PipelineConfig:
+    """Load a :class:`PipelineConfig` from YAML plus ``key.sub=value`` overrides (see :func:`~reference_pipeline.config.load_config`)."""
+    return load_config(PipelineConfig, path, overrides)
+
+
+def stage_names() -> list[str]:
+    """Names of the :class:`StageConfig` fields of :class:`PipelineConfig`, in pipeline order."""
+    return [f.name for f in dataclasses.fields(PipelineConfig) if f.type in ("StageConfig", StageConfig)]
