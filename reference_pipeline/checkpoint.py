@@ -40,23 +40,23 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 __all__ = [
-    "CheckpointError",
+    "POINTER_NAME",
+    "STATE_NAME",
+    "WEIGHTS_NAME",
     "CheckpointCorruptError",
+    "CheckpointError",
+    "CheckpointInfo",
     "CheckpointMismatchError",
     "CheckpointWriteError",
-    "CheckpointInfo",
-    "WEIGHTS_NAME",
-    "STATE_NAME",
-    "POINTER_NAME",
     "capture_rng_state",
-    "restore_rng_state",
     "check_writable",
-    "save_checkpoint",
-    "list_checkpoints",
     "latest_checkpoint",
-    "load_weights",
-    "load_state",
+    "list_checkpoints",
     "load_checkpoint",
+    "load_state",
+    "load_weights",
+    "restore_rng_state",
+    "save_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ _ALLOWED_SCALARS = (bool, int, float, str, type(None), torch.dtype, torch.device
 
 def _check_weights_only(value: Any, where: str) -> None:
     """Refuse, before writing, anything ``torch.load(weights_only=True)`` could not read back."""
-    if isinstance(value, torch.Tensor) or isinstance(value, _ALLOWED_SCALARS):
+    if isinstance(value, (torch.Tensor, _ALLOWED_SCALARS)):
         return
     if isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
@@ -423,7 +423,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
         raise FileNotFoundError(f"checkpoint weights not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as handle:
-            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle}
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointCorruptError(f"cannot read checkpoint weights {path}: {error}") from error
     expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}

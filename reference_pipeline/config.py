@@ -31,12 +31,12 @@ import yaml
 __all__ = [
     "ConfigError",
     "TrainConfig",
-    "paper_teacher_config",
-    "paper_student_config",
-    "load_config",
-    "config_from_dict",
     "apply_overrides",
+    "config_from_dict",
     "config_to_dict",
+    "load_config",
+    "paper_student_config",
+    "paper_teacher_config",
     "save_config",
 ]
 

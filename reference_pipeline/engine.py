@@ -83,21 +83,21 @@ from .checkpoint import (
 from .config import TrainConfig, config_to_dict
 
 __all__ = [
-    "StepFn",
-    "EvaluateFn",
-    "Stateful",
-    "EpochAwareDataset",
-    "DistInfo",
     "TIMING_KEYS",
-    "init_distributed",
-    "cleanup_distributed",
-    "distributed_info",
+    "DistInfo",
+    "EpochAwareDataset",
+    "EvaluateFn",
     "ResumableBatchSampler",
+    "Stateful",
+    "StepFn",
+    "TrainResult",
     "build_optimizer",
     "build_scheduler",
+    "cleanup_distributed",
+    "distributed_info",
+    "init_distributed",
     "move_to_device",
     "read_metrics",
-    "TrainResult",
     "train",
 ]
 
@@ -122,16 +122,16 @@ _RESUMABLE_CHANGES = {"eval_every", "checkpoint_every", "keep_checkpoints", "log
 class Stateful(Protocol):
     """Anything with ``state_dict`` / ``load_state_dict`` (a memory bank, an EMA, a custom RNG)."""
 
-    def state_dict(self) -> dict[str, Any]: ...  # noqa: D102
+    def state_dict(self) -> dict[str, Any]: ...
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...  # noqa: D102
+    def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...
 
 
 @runtime_checkable
 class EpochAwareDataset(Protocol):
     """A dataset that wants the epoch with each index (for per-sample RNG independent of workers)."""
 
-    def __len__(self) -> int: ...  # noqa: D105
+    def __len__(self) -> int: ...
 
     def get_item(self, index: int, epoch: int) -> Any:
         """Return sample ``index`` as drawn in ``epoch`` (e.g. with ``rng_for(seed, epoch, index)``)."""
