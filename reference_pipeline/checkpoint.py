@@ -22,6 +22,7 @@ objects are refused on load). RNG states of numpy and Python are stored as tenso
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -244,7 +245,8 @@ def check_writable(directory: str | os.PathLike[str]) -> Path:
     except OSError as error:
         raise CheckpointWriteError(f"run directory {directory} is not writable: {_describe(error)} ({error})") from error
     finally:
-        probe.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
     return directory
 
 
@@ -423,7 +425,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
         raise FileNotFoundError(f"checkpoint weights not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as handle:
-            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle}
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointCorruptError(f"cannot read checkpoint weights {path}: {error}") from error
     expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}

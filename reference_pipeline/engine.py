@@ -749,7 +749,7 @@ def train(
 
             with _autocast(config.amp, device):
                 loss, terms = step_fn(train_model, batch)
-            terms = {k: float(v) for k, v in terms.items()}
+            terms = {k: float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in terms.items()}
             loss = _finite_loss(loss, step, terms)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
