@@ -28,8 +28,8 @@ from torch import Tensor, nn
 if __name__ == "__main__":  # run as a script from anywhere: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from reference_pipeline.config import TrainConfig  # noqa: E402
-from reference_pipeline.engine import TrainResult, train  # noqa: E402
+from reference_pipeline.config import TrainConfig
+from reference_pipeline.engine import TrainResult, train
 
 NUM_ITEMS, IN_DIM, HIDDEN = 36, 6, 16
 
@@ -99,13 +99,12 @@ def make_step_fn(stat: RunningStat | None):
 
 
 def toy_config(**changes: Any) -> TrainConfig:
-    base = dict(
-        steps=30, batch_size=4, lr_encoder=1e-2, lr_decoder=3e-2, weight_decay=0.05, scheduler="poly",
-        warmup_steps=3, grad_clip=1.0, eval_every=7, checkpoint_every=5, log_every=3, num_workers=0, seed=11,
-        device="cpu",
-    )
-    base.update(changes)
-    return TrainConfig(**base)
+    base: dict[str, Any] = {
+        "steps": 30, "batch_size": 4, "lr_encoder": 1e-2, "lr_decoder": 3e-2, "weight_decay": 0.05,
+        "scheduler": "poly", "warmup_steps": 3, "grad_clip": 1.0, "eval_every": 7, "checkpoint_every": 5,
+        "log_every": 3, "num_workers": 0, "seed": 11, "device": "cpu",
+    }
+    return TrainConfig(**{**base, **changes})
 
 
 def run_toy(run_dir: Path, *, resume: bool = False, step_delay: float = 0.0, **changes: Any) -> tuple[ToyModel, TrainResult]:
