@@ -51,7 +51,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    """What one call of the training loop needs (optimizer, schedule, precision, cadence, data loading).
+    r"""What one call of the training loop needs (optimizer, schedule, precision, cadence, data loading).
 
     The paper's Table 7 values (see :func:`paper_teacher_config` and :func:`paper_student_config`):
 
@@ -70,11 +70,11 @@ class TrainConfig:
 
     .. math::
 
-        \\eta_t = \\eta_0 \\cdot w_t \\cdot d_t, \\qquad
-        w_t = \\begin{cases} f + (1 - f)\\,t / W & t < W \\\\ 1 & t \\ge W \\end{cases}
+        \eta_t = \eta_0 \cdot w_t \cdot d_t, \qquad
+        w_t = \begin{cases} f + (1 - f)\,t / W & t < W \\ 1 & t \ge W \end{cases}
 
     where :math:`f` is ``warmup_factor`` and the decay :math:`d_t` is
-    :math:`(1 - t/T)^{p}` for ``"poly"`` (power :math:`p`), :math:`\\gamma^{\\#\\{m : t \\ge m T\\}}`
+    :math:`(1 - t/T)^{p}` for ``"poly"`` (power :math:`p`), :math:`\gamma^{\#\{m : t \ge m T\}}`
     for ``"multistep"`` (milestones :math:`m` as fractions of :math:`T`) and 1 for ``"constant"``.
 
     Attributes:
