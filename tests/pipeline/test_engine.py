@@ -113,7 +113,7 @@ def test_crash_after_a_checkpoint_in_process_then_resume_matches(tmp_path, unint
 
         def step_fn(model, batch):
             calls.append(1)
-            if len(calls) == 17:  # between the checkpoint of step 15 and the next one
+            if len(calls) == 23:  # step 23: after the checkpoint of step 20 and the log of step 21
                 raise KeyboardInterrupt("simulated kill")
             return step(model, batch)
 
@@ -123,9 +123,9 @@ def test_crash_after_a_checkpoint_in_process_then_resume_matches(tmp_path, unint
     with pytest.raises(KeyboardInterrupt):
         toy.run_toy(tmp_path)
     monkeypatch.undo()
-    assert max(r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")) == 15
+    assert max(r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")) == 21
     _, result = toy.run_toy(tmp_path, resume=True)
-    assert result.resumed_from == 15
+    assert result.resumed_from == 20
     _assert_same_weights(_final_weights(tmp_path), _final_weights(reference_dir))
     assert _without_timing(read_metrics(tmp_path / "metrics.jsonl")) == _without_timing(
         read_metrics(reference_dir / "metrics.jsonl")
