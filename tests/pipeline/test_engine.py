@@ -75,7 +75,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, toy.T
 def test_sigkill_mid_run_then_resume_equals_uninterrupted_run_bitwise(tmp_path, uninterrupted, workers):
     reference_dir, _ = uninterrupted
     run_dir = tmp_path / "killed"
-    command = [sys.executable, str(TOY_PATH), str(run_dir), "--workers", str(workers), "--step-delay", "0.04"]
+    command = [sys.executable, str(TOY_PATH), str(run_dir), "--workers", str(workers), "--step-delay", "0.06"]
     process = subprocess.Popen(command, env=_script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
@@ -153,6 +153,24 @@ def test_resume_with_a_changed_trajectory_setting_is_refused(uninterrupted):
     reference_dir, _ = uninterrupted
     with pytest.raises(CheckpointMismatchError, match="lr_decoder"):
         toy.run_toy(reference_dir, resume=True, lr_decoder=0.5)
+
+
+def test_resuming_with_another_model_names_the_checkpoint_and_the_keys(uninterrupted):
+    reference_dir, _ = uninterrupted
+
+    class Wider(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = nn.Sequential(nn.Linear(toy.IN_DIM, 32), nn.ReLU())
+            self.decoder = nn.Linear(32, 1)
+
+        def forward(self, x):
+            features = self.encoder(x)
+            return self.decoder(features), features
+
+    with pytest.raises(CheckpointMismatchError, match=r"step_00000030/model.safetensors.*encoder\.0\.weight"):
+        train(Wider(), toy.make_step_fn(None), toy.ToyDataset(), toy.toy_config(), reference_dir, resume=True,
+              progress=False)
 
 
 def test_evaluation_does_not_change_training(tmp_path, uninterrupted):
