@@ -58,6 +58,7 @@ __all__ = [
     "load_weights",
     "restore_rng_state",
     "save_checkpoint",
+    "save_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -405,6 +406,25 @@ def _shared_groups(model: nn.Module) -> dict[str, set[str]]:
         for key in keys:
             result[key] = keys
     return result
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike[str]) -> Path:
+    """Write ``model``'s weights to a safetensors file atomically (temporary file, fsync, rename).
+
+    Raises:
+        CheckpointWriteError: if the file cannot be written; an existing file at ``path`` is left intact.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_model(model, str(tmp))
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(f"cannot write weights {path}: {_describe(error)} ({error})") from error
+    return path
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:

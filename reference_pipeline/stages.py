@@ -283,10 +283,12 @@ def _to(targets: list[InstanceTargets], device: torch.device) -> list[InstanceTa
 
 
 def _contrast_stats(stats: Any) -> dict[str, float]:
-    logs = {"margin": float(stats.margin), "acceptance": float(stats.acceptance), "fallbacks": float(stats.fallbacks)}
-    if stats.fnr is not None:
-        logs["fnr"] = float(stats.fnr)
-    return logs
+    return {
+        "margin": float(stats.margin),
+        "acceptance": float(stats.acceptance),
+        "fallbacks": float(stats.fallbacks),
+        "fnr": float(stats.fnr) if stats.fnr is not None else float("nan"),  # same keys every step
+    }
 
 
 # ------------------------------------------------------------------------------- running a stage
@@ -384,12 +386,13 @@ def train_stage(
     groups = core.parameter_groups() if hasattr(core, "parameter_groups") else None
     extra_state = {"memory_bank": contrast.memory_bank} if contrast is not None and contrast.memory_bank is not None else None
     outcome = train(
-        model, objective, train_set, collate_semi, train_config, run,
+        model, objective, train_set, train_config, run, collate_fn=collate_semi,
         param_groups=groups, evaluate_fn=evaluate_fn if train_config.eval_every > 0 else None,
         extra_state=extra_state, resume=resume, desc=name, progress=progress,
     )
-    save_weights(model, final)
-    result = StageResult(name, final, float(outcome.wall_time), int(outcome.steps), dict(outcome.final_logs))
+    save_weights(getattr(model, "module", model), final)
+    logs = {k: float(v) for k, v in outcome.train_metrics.items() if isinstance(v, (int, float))}
+    result = StageResult(name, final, float(outcome.wall_time), int(outcome.step), logs)
     result_file.write_text(json.dumps({"wall_time": result.wall_time, "steps": result.steps, "final_logs": result.final_logs}))
     return result
 
