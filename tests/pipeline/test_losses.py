@@ -84,13 +84,15 @@ def test_hungarian_matching_assigns_each_target_its_predicting_query() -> None:
     assert assignment == {0: 2, 1: 0}
 
 
-def test_matched_masks_cost_almost_nothing_and_class_ce_is_weighted_by_no_object() -> None:
+@pytest.mark.parametrize("no_object_weight", [0.1, 0.5])
+def test_matched_masks_cost_almost_nothing_and_class_ce_is_weighted_by_no_object(no_object_weight: float) -> None:
     mask_logits, class_logits, targets = _hand_case()
-    losses = _seeded(SetCriterion(C, UNIFORM), _output(mask_logits[None], class_logits[None]), [targets])
+    config = CriterionConfig(no_object_weight=no_object_weight, importance_sample_ratio=0.0)
+    losses = _seeded(SetCriterion(C, config), _output(mask_logits[None], class_logits[None]), [targets])
     chance = 5.0 * math.log(2.0)  # weighted BCE of a mask logit of 0 everywhere
     assert float(losses["loss_mask"]) < 0.15 * chance  # only points within a pixel of a boundary cost anything
     assert float(losses["loss_dice"]) < 5.0 * 0.05  # dice < 0.05 per mask
-    expected_ce = _weighted_ce(class_logits, torch.tensor([2, C, 1]), no_object_weight=0.1)
+    expected_ce = _weighted_ce(class_logits, torch.tensor([2, C, 1]), no_object_weight=no_object_weight)
     assert float(losses["loss_cross_entropy"]) == pytest.approx(2.0 * expected_ce, rel=1e-5)
     assert float(losses["total"]) == pytest.approx(
         sum(float(losses[k]) for k in ("loss_mask", "loss_dice", "loss_cross_entropy"))
