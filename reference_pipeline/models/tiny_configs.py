@@ -91,7 +91,8 @@ def tiny_grounding_dino_config(kind: DetectorKind = "grounding-dino", num_querie
         num_queries: detector queries ``Q``.
 
     Returns:
-        The configuration (any image size works; multiples of 32 avoid padding inside Swin).
+        The configuration. Inputs need one side longer than 64 pixels: the extra stride-64 feature level
+        goes through ``GroupNorm(32, 32)`` (one channel per group), which needs more than one pixel.
     """
     swin = SwinConfig(
         image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=2,
