@@ -318,3 +318,17 @@ def test_instance_aware_pixel_contrast_runs_on_teacher_outputs() -> None:
     assert torch.isfinite(result.loss)
     result.loss.backward()
     assert teacher.projection[0].weight.grad is not None and teacher.projection[0].weight.grad.abs().sum() > 0
+
+
+def test_image_embeddings_match_sam2s_own_get_image_embeddings() -> None:
+    teacher = make_teacher().eval()
+    with torch.no_grad():
+        teacher.segmenter.no_memory_embedding.normal_()  # zero at init: make the term visible
+    images = torch.rand(2, 3, 48, 80)
+    pixels = F.interpolate((images - teacher.pixel_mean) / teacher.pixel_std, size=(SAM_SIZE, SAM_SIZE), mode="bilinear")
+    expected = teacher.segmenter.get_image_embeddings(pixels)
+    with torch.no_grad():
+        ours = teacher.image_embeddings(images)
+    assert [level.shape[-1] for level in ours] == [SAM_SIZE // 4, SAM_SIZE // 8, SAM_SIZE // 16]
+    for level, reference in zip(ours, expected):
+        torch.testing.assert_close(level, reference)
