@@ -506,7 +506,8 @@ class FoundationTeacher(nn.Module):
         self.detector = detector
         self.segmenter = segmenter
         self.tokenizer = tokenizer
-        encoding = encode_prompt(tokenizer, config.class_names, detector.config.max_text_len)
+        with torch.device("cpu"):  # the prompt's tensors are read on the host, also under a meta-device context
+            encoding = encode_prompt(tokenizer, config.class_names, detector.config.max_text_len)
         self.prompt = encoding.prompt
         self.register_buffer("input_ids", encoding.input_ids, persistent=False)  # (1, T)
         self.register_buffer("text_attention_mask", encoding.attention_mask, persistent=False)  # (1, T)
