@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-__all__ = ["main", "build_parser", "QUICK_OVERRIDES"]
+__all__ = ["QUICK_OVERRIDES", "build_parser", "main"]
 
 logger = logging.getLogger("reference_pipeline")
 

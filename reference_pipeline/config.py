@@ -415,6 +415,29 @@ def apply_overrides(cls: type, data: Mapping[str, Any], overrides: Sequence[str]
     return result
 
 
+def _defaults(cls: type) -> dict[str, Any]:
+    """The default instance of ``cls`` as a nested mapping (``{}`` if ``cls`` has required fields).
+
+    Starting from it keeps the defaults a parent sets for a nested section (e.g. a stage's own
+    learning rates) when a file or an override changes only some keys of that section.
+    """
+    try:
+        return config_to_dict(cls())
+    except TypeError:
+        return {}
+
+
+def _merge(base: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` laid over ``base``, section by section (nested mappings merge, other values replace)."""
+    merged = _deep_copy(base)
+    for key, value in data.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = _deep_copy(value) if isinstance(value, Mapping) else value
+    return merged
+
+
 def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in data.items()}
 
@@ -454,7 +477,7 @@ def load_config(
         if not isinstance(data, Mapping):
             raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
     try:
-        return config_from_dict(cls, apply_overrides(cls, data, overrides))
+        return config_from_dict(cls, apply_overrides(cls, _merge(_defaults(cls), data), overrides))
     except ConfigError as error:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{error}") from None

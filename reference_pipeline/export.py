@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .pipeline_config import PipelineConfig
 
-__all__ = ["ExportResult", "export_onnx", "export_model", "InferenceWrapper"]
+__all__ = ["ExportResult", "InferenceWrapper", "export_model", "export_onnx"]
 
 
 @dataclass

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .data.structures import InstanceDataset, InstanceSample
 from .evaluate import CocoMaskEvaluator
 
-__all__ = ["ImagePrediction", "images_to_batch", "predict_dataset", "evaluate_model", "measure_latency"]
+__all__ = ["ImagePrediction", "evaluate_model", "images_to_batch", "measure_latency", "predict_dataset"]
 
 
 @dataclass

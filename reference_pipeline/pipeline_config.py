@@ -17,16 +17,17 @@ from typing import Literal
 
 from .config import TrainConfig, load_config
 from .losses import CriterionConfig
+from .models.demo import demo_teacher_config
 from .models.student import StudentConfig
 from .models.teacher import TeacherConfig
 from .pseudo_labels import PseudoLabelConfig
 
 __all__ = [
-    "DataConfig",
     "ContrastConfig",
-    "StageConfig",
+    "DataConfig",
     "EvalConfig",
     "PipelineConfig",
+    "StageConfig",
     "load_pipeline_config",
 ]
 
@@ -168,9 +169,10 @@ class PipelineConfig:
         teacher_kind: ``"foundation"`` (Grounding-DINO + SAM2 from local weights, the paper's teacher)
             or ``"demo"`` (a larger model of the student's architecture pretrained on the synthetic
             ``source`` domain; it only stands in for a foundation model).
-        foundation_teacher: settings of the foundation teacher.
-        demo_teacher: architecture of the demo teacher.
-        student: the student's architecture.
+        foundation_teacher: settings of the foundation teacher (``class_names`` are taken from the dataset).
+        demo_teacher: architecture of the demo teacher (``num_classes`` is taken from the dataset).
+        student: the student's architecture (default: the paper's DINOv2-S student; ``num_classes`` is
+            taken from the dataset).
         criterion: the set criterion's weights (mask 5, dice 5, class 2, no-object 0.1).
         contrast: the pixel contrastive term.
         pseudo_labels: how teacher outputs become pseudo-instances (threshold 0.3).
@@ -189,9 +191,9 @@ class PipelineConfig:
     threads: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     teacher_kind: Literal["foundation", "demo"] = "foundation"
-    foundation_teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    demo_teacher: StudentConfig = field(default_factory=StudentConfig)
-    student: StudentConfig = field(default_factory=StudentConfig)
+    foundation_teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(class_names=("object",)))
+    demo_teacher: StudentConfig = field(default_factory=lambda: demo_teacher_config(num_classes=1))
+    student: StudentConfig = field(default_factory=lambda: StudentConfig.paper(num_classes=1))
     criterion: CriterionConfig = field(default_factory=CriterionConfig)
     contrast: ContrastConfig = field(default_factory=ContrastConfig)
     pseudo_labels: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)

@@ -14,7 +14,7 @@ from .inference import predict_dataset
 from .pipeline_config import PipelineConfig
 from .visualize import panel_from_predictions, save_overlay_grid
 
-__all__ = ["ImageFolder", "predict_folder", "IMAGE_SUFFIXES"]
+__all__ = ["IMAGE_SUFFIXES", "ImageFolder", "predict_folder"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 

@@ -23,7 +23,7 @@ from .evaluate import InstancePredictions, postprocess_mask2former
 from .pipeline_config import PipelineConfig
 from .visualize import OverlayPanel, panel_from_predictions, panel_from_sample, save_overlay_grid
 
-__all__ = ["STAGE_LABELS", "read_metrics", "write_report", "paper_order_checks"]
+__all__ = ["STAGE_LABELS", "paper_order_checks", "read_metrics", "write_report"]
 
 #: Row label and what each evaluated model is.
 STAGE_LABELS: dict[str, tuple[str, str]] = {

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from instcontrast import InstanceAwarePixelContrast, PixelMemoryBank
-from instcontrast.views import ViewGeometry, align_views
+from instcontrast.views import ViewGeometry
 
 from .checkpoint import load_weights, save_weights
 from .config import TrainConfig
@@ -47,12 +46,19 @@ from .data import CityscapesInstanceDataset, CocoInstanceDataset, SubsetDataset,
 from .data.ade20k import ADE20KInstanceDataset
 from .data.augment import StrongViewConfig, TwoViewTransform, WeakViewConfig
 from .data.coco import encode_mask
-from .data.semi import PseudoInstances, PseudoLabeledDataset, SemiBatch, SemiSupervisedDataset, TwoViewDataset, collate_semi
+from .data.semi import (
+    PseudoInstances,
+    PseudoLabeledDataset,
+    SemiBatch,
+    SemiSupervisedDataset,
+    TwoViewDataset,
+    collate_semi,
+)
 from .data.structures import InstanceDataset
 from .data.synthetic import SyntheticConfig, generate_dataset, load_synthetic_split
 from .engine import train
 from .inference import evaluate_model, predict_dataset
-from .losses import SetCriterion, unified_objective
+from .losses import SetCriterion, pixel_contrast_term, unified_objective
 from .models.outputs import InstanceTargets, SegmentationOutput
 from .models.student import Student, count_parameters
 from .pipeline_config import ContrastConfig, PipelineConfig, StageConfig
@@ -61,18 +67,18 @@ from .pseudo_labels import pseudo_label, pseudo_label_quality
 __all__ = [
     "Datasets",
     "Objective",
-    "load_datasets",
+    "adapt_teacher",
+    "build_contrast",
     "build_student",
     "build_teacher",
-    "build_contrast",
-    "train_stage",
+    "distill",
+    "evaluate_stage",
+    "load_datasets",
     "make_pseudo_labels",
     "pretrain_demo_teacher",
-    "adapt_teacher",
-    "distill",
     "refine",
     "supervised_baseline",
-    "evaluate_stage",
+    "train_stage",
 ]
 
 logger = logging.getLogger(__name__)
@@ -175,9 +181,11 @@ def build_teacher(cfg: PipelineConfig, class_names: Sequence[str]) -> nn.Module:
     """The teacher (untrained demo model, or the foundation ensemble loaded from local weights)."""
     if cfg.teacher_kind == "demo":
         return Student(_with_classes(cfg.demo_teacher, len(class_names)))
+    import dataclasses
+
     from .models.teacher import FoundationTeacher
 
-    return FoundationTeacher.from_config(cfg.foundation_teacher, class_names)
+    return FoundationTeacher.from_pretrained_dirs(dataclasses.replace(cfg.foundation_teacher, class_names=tuple(class_names)))
 
 
 def build_contrast(config: ContrastConfig, embedding_dim: int) -> InstanceAwarePixelContrast:
@@ -261,19 +269,15 @@ class Objective:
             anchor_geometry.append(unlabeled.strong.geometry)
             target_geometry.append(unlabeled.weak.geometry)
             instance_ids.append(unlabeled.strong_ids)
-        core = getattr(model, "module", model)  # the DDP-wrapped model's own forward is for gradient passes
+        core = getattr(model, "module", model)  # the DDP wrapper's forward is for gradient passes only
         with torch.no_grad():
-            target = core(torch.cat(target_images).to(device)).pixel_embeddings  # (B, D, h, w)
-        grid = tuple(output.pixel_embeddings.shape[-2:])
-        aligned, valid = align_views(
-            target, _cat_geometry(target_geometry, device), _cat_geometry(anchor_geometry, device), grid
-        )  # (B, D, h, w), (B, h, w)
-        return self.contrast(  # type: ignore[misc]
-            output.pixel_embeddings,
-            aligned,
-            output.mask_logits.detach(),
-            output.class_logits.detach(),
-            valid=valid,
+            target = core(torch.cat(target_images).to(device))  # the other view of each image
+        return pixel_contrast_term(
+            self.contrast,  # type: ignore[arg-type]
+            output,
+            target,
+            _cat_geometry(anchor_geometry, device),
+            _cat_geometry(target_geometry, device),
             instance_ids=torch.cat(instance_ids).to(device),
         )
 
