@@ -117,7 +117,10 @@ METRICS_NAME = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 
 # Config fields that may change between a run and its resumption (they do not alter the trajectory).
-_RESUMABLE_CHANGES = {"eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers", "device"}
+_RESUMABLE_CHANGES = {
+    "eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers", "device",
+    "ddp_find_unused_parameters",
+}
 
 
 @runtime_checkable
@@ -805,7 +808,9 @@ def train(
     train_model: nn.Module = model
     if info.distributed:
         train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=config.ddp_find_unused_parameters,
         )
     params = [p for group in optimizer.param_groups for p in group["params"]]
     log = _MetricsLog(run_dir, info.is_main, start_step)
@@ -854,7 +859,7 @@ def train(
             if step % config.log_every == 0 or step == config.steps:
                 means = _reduce_mean(window.means(), info, device)
                 times = {k: v / max(window.count, 1) for k, v in window.times.items()}
-                epoch = step // sampler.steps_per_epoch
+                epoch = sampler.position(step - 1)[0]  # the epoch of the batch just used
                 lrs = {f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups}
                 share = times["data_time"] / max(times["data_time"] + times["step_time"], 1e-12)
                 last_train = {"kind": "train", "step": step, "epoch": epoch, **means, **lrs, **times,
@@ -884,8 +889,8 @@ def train(
                     "scaler": scaler.state_dict() if scaler is not None else {},
                     "rng": _gather_rng_states(info),
                     "data": {"seed": config.seed, "batch_size": config.batch_size, "num_items": num_items,
-                             "world_size": info.world_size, "epoch": sampler.position(step)[0],
-                             "batch_in_epoch": sampler.position(step)[1]},
+                             "world_size": info.world_size, "next_epoch": sampler.position(step)[0],
+                             "next_batch_in_epoch": sampler.position(step)[1]},
                     "extra": {name: obj.state_dict() for name, obj in extra_state.items()},
                     "log_window": window.state_dict(),
                     "last_train": last_train,
