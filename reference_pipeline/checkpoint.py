@@ -29,6 +29,7 @@ import os
 import random
 import re
 import shutil
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,11 +180,11 @@ def _check_weights_only(value: Any, where: str) -> None:
     """Refuse, before writing, anything ``torch.load(weights_only=True)`` could not read back."""
     if isinstance(value, (torch.Tensor, _ALLOWED_SCALARS)):
         return
-    if isinstance(value, (list, tuple)):
+    if type(value) in (list, tuple):  # exact types: namedtuples / subclasses are not weights_only-loadable
         for i, item in enumerate(value):
             _check_weights_only(item, f"{where}[{i}]")
         return
-    if isinstance(value, dict):
+    if type(value) in (dict, OrderedDict, Counter):  # what torch's weights_only unpickler accepts
         for key, item in value.items():
             if not isinstance(key, (str, int)):
                 raise TypeError(f"training state key {where}[{key!r}] must be a str or int, got {type(key).__name__}")
