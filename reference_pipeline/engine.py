@@ -839,6 +839,7 @@ def train(
             else:
                 loss.backward()
             values = {"loss": float(loss.detach()), **terms}
+            lrs = {f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups}  # the rates this step uses
             if config.grad_clip is not None:
                 values["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
             if scaler is not None:
@@ -860,7 +861,6 @@ def train(
                 means = _reduce_mean(window.means(), info, device)
                 times = {k: v / max(window.count, 1) for k, v in window.times.items()}
                 epoch = sampler.position(step - 1)[0]  # the epoch of the batch just used
-                lrs = {f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups}
                 share = times["data_time"] / max(times["data_time"] + times["step_time"], 1e-12)
                 last_train = {"kind": "train", "step": step, "epoch": epoch, **means, **lrs, **times,
                               "data_share": share}

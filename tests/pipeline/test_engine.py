@@ -191,6 +191,8 @@ def test_metrics_file_holds_train_and_eval_records_at_their_cadence(uninterrupte
     first = records[0]
     assert {"loss", "bce", "pull", "grad_norm", "lr/encoder", "lr/decoder", "data_time", "step_time"} <= set(first)
     assert math.isclose(first["lr/decoder"] / first["lr/encoder"], 3.0)
+    last = [r for r in records if r["kind"] == "train"][-1]
+    assert last["lr/decoder"] > 0  # the rate used by the last step, not the (zero) one after it
 
 
 # ----------------------------------------------------------------------------- data order
