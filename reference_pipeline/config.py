@@ -210,9 +210,7 @@ def _type_name(tp: Any) -> str:
 
 
 def _bad(key: str, value: Any, tp: Any, extra: str = "") -> ConfigError:
-    return ConfigError(
-        f"config key {key!r}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__}){extra}"
-    )
+    return ConfigError(f"config key {key!r}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__}){extra}")
 
 
 def _is_union(tp: Any) -> bool:

@@ -118,7 +118,12 @@ CHECKPOINT_DIR = "checkpoints"
 
 # Config fields that may change between a run and its resumption (they do not alter the trajectory).
 _RESUMABLE_CHANGES = {
-    "eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers", "device",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "log_every",
+    "num_workers",
+    "device",
     "ddp_find_unused_parameters",
 }
 
@@ -409,8 +414,9 @@ def build_optimizer(
         groups.append({"params": trainable, "lr": lr, "name": name})
     left_out = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
     if left_out:
-        logger.warning("%d trainable parameter(s) are in no group and will not be updated, e.g. %s",
-                       len(left_out), left_out[:3])
+        logger.warning(
+            "%d trainable parameter(s) are in no group and will not be updated, e.g. %s", len(left_out), left_out[:3]
+        )
     return AdamW(groups, lr=config.lr_decoder, betas=config.betas, weight_decay=config.weight_decay)
 
 
@@ -462,7 +468,9 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(move_to_device(v, device) for v in batch)
     if is_dataclass(batch) and not isinstance(batch, type):
-        return replace(batch, **{f.name: move_to_device(getattr(batch, f.name), device) for f in fields(batch) if f.init})
+        return replace(
+            batch, **{f.name: move_to_device(getattr(batch, f.name), device) for f in fields(batch) if f.init}
+        )
     return batch
 
 
@@ -551,9 +559,7 @@ class _MetricsLog:
             self.writer.close()
 
 
-def load_trained(
-    model: nn.Module, run_dir: str | os.PathLike[str], *, require_finished: bool = True
-) -> CheckpointInfo:
+def load_trained(model: nn.Module, run_dir: str | os.PathLike[str], *, require_finished: bool = True) -> CheckpointInfo:
     """Load the weights a finished :func:`train` call left in ``run_dir`` (e.g. the previous stage's).
 
     Args:
@@ -783,20 +789,31 @@ def train(
         if len(rng_states) == info.world_size:
             restore_rng_state(rng_states[info.rank])
         else:
-            logger.warning("checkpoint was written by %d process(es), this run has %d: RNG states reseeded",
-                           len(rng_states), info.world_size)
+            logger.warning(
+                "checkpoint was written by %d process(es), this run has %d: RNG states reseeded",
+                len(rng_states),
+                info.world_size,
+            )
         window.load_state_dict(state["log_window"])
         last_train, last_eval = dict(state["last_train"]), dict(state["last_eval"])
         start_step = resumed_from = int(state["step"])
         if info.is_main:
             logger.info("%s: resumed from %s (step %d)", desc, checkpoint.directory, start_step)
         if start_step >= config.steps:
-            return TrainResult(start_step, last_train, last_eval if info.is_main else {}, checkpoint.directory,
-                               resumed_from, already_finished=True, wall_time=time.perf_counter() - started)
+            return TrainResult(
+                start_step,
+                last_train,
+                last_eval if info.is_main else {},
+                checkpoint.directory,
+                resumed_from,
+                already_finished=True,
+                wall_time=time.perf_counter() - started,
+            )
 
     # ---- data: a deterministic order that skips what was consumed
-    sampler = ResumableBatchSampler(num_items, config.batch_size, config.seed, start_step, config.steps,
-                                    info.rank, info.world_size)
+    sampler = ResumableBatchSampler(
+        num_items, config.batch_size, config.seed, start_step, config.steps, info.rank, info.world_size
+    )
     loader = DataLoader(
         _KeyedDataset(dataset),
         batch_sampler=sampler,
@@ -814,8 +831,14 @@ def train(
         )
     params = [p for group in optimizer.param_groups for p in group["params"]]
     log = _MetricsLog(run_dir, info.is_main, start_step)
-    bar = tqdm(total=config.steps, initial=start_step, desc=desc, disable=not (progress and info.is_main),
-               dynamic_ncols=True, unit="it")
+    bar = tqdm(
+        total=config.steps,
+        initial=start_step,
+        desc=desc,
+        disable=not (progress and info.is_main),
+        dynamic_ncols=True,
+        unit="it",
+    )
     call_times = {"data_time": 0.0, "step_time": 0.0}
     history: list[dict[str, Any]] = []
     final: Path | None = None
@@ -862,16 +885,24 @@ def train(
                 times = {k: v / max(window.count, 1) for k, v in window.times.items()}
                 epoch = sampler.position(step - 1)[0]  # the epoch of the batch just used
                 share = times["data_time"] / max(times["data_time"] + times["step_time"], 1e-12)
-                last_train = {"kind": "train", "step": step, "epoch": epoch, **means, **lrs, **times,
-                              "data_share": share}
+                last_train = {
+                    "kind": "train",
+                    "step": step,
+                    "epoch": epoch,
+                    **means,
+                    **lrs,
+                    **times,
+                    "data_share": share,
+                }
                 log.write(last_train)
                 history.append(last_train)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in means.items()}, refresh=False)
                 window = _Window()
 
             # ---- evaluate (rank 0; RNG states saved and restored so training is unaffected)
-            if evaluate_fn is not None and ((config.eval_every and step % config.eval_every == 0)
-                                            or step == config.steps):
+            if evaluate_fn is not None and (
+                (config.eval_every and step % config.eval_every == 0) or step == config.steps
+            ):
                 if info.is_main:
                     last_eval = _evaluate(model, evaluate_fn, step)
                     log.write(last_eval)
@@ -888,9 +919,14 @@ def train(
                     "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else {},
                     "rng": _gather_rng_states(info),
-                    "data": {"seed": config.seed, "batch_size": config.batch_size, "num_items": num_items,
-                             "world_size": info.world_size, "next_epoch": sampler.position(step)[0],
-                             "next_batch_in_epoch": sampler.position(step)[1]},
+                    "data": {
+                        "seed": config.seed,
+                        "batch_size": config.batch_size,
+                        "num_items": num_items,
+                        "world_size": info.world_size,
+                        "next_epoch": sampler.position(step)[0],
+                        "next_batch_in_epoch": sampler.position(step)[1],
+                    },
                     "extra": {name: obj.state_dict() for name, obj in extra_state.items()},
                     "log_window": window.state_dict(),
                     "last_train": last_train,

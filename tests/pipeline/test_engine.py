@@ -171,8 +171,15 @@ def test_resuming_with_another_model_names_the_checkpoint_and_the_keys(uninterru
             return self.decoder(features), features
 
     with pytest.raises(CheckpointMismatchError, match=r"step_00000030/model.safetensors.*encoder\.0\.weight"):
-        train(Wider(), toy.make_step_fn(None), toy.ToyDataset(), toy.toy_config(), reference_dir, resume=True,
-              progress=False)
+        train(
+            Wider(),
+            toy.make_step_fn(None),
+            toy.ToyDataset(),
+            toy.toy_config(),
+            reference_dir,
+            resume=True,
+            progress=False,
+        )
 
 
 def test_evaluation_does_not_change_training(tmp_path, uninterrupted):
@@ -216,8 +223,9 @@ def test_sampler_epochs_are_permutations_without_repeats_and_differ():
 
 def test_sampler_ranks_shard_the_same_global_batch():
     single = list(ResumableBatchSampler(20, 4, seed=1, start_step=3, end_step=8))
-    shards = [list(ResumableBatchSampler(20, 4, seed=1, start_step=3, end_step=8, rank=r, world_size=2))
-              for r in range(2)]
+    shards = [
+        list(ResumableBatchSampler(20, 4, seed=1, start_step=3, end_step=8, rank=r, world_size=2)) for r in range(2)
+    ]
     assert [a + b for a, b in zip(*shards)] == single
 
 
@@ -304,21 +312,30 @@ def test_warmup_multiplies_the_decay_linearly_from_the_warmup_factor():
 def test_encoder_group_gets_the_encoder_learning_rate():
     model = toy.ToyModel()
     config = TrainConfig(lr_encoder=1e-5, lr_decoder=1e-3)
-    optimizer = build_optimizer(model, config, {"encoder": list(model.encoder.parameters()),
-                                                "decoder": list(model.decoder.parameters())})
+    optimizer = build_optimizer(
+        model, config, {"encoder": list(model.encoder.parameters()), "decoder": list(model.decoder.parameters())}
+    )
     assert {g["name"]: g["lr"] for g in optimizer.param_groups} == {"encoder": 1e-5, "decoder": 1e-3}
 
 
 def test_a_parameter_in_two_groups_is_refused():
     model = toy.ToyModel()
     with pytest.raises(ValueError, match="in both groups"):
-        build_optimizer(model, TrainConfig(), {"encoder": list(model.parameters()), "decoder": list(model.parameters())})
+        build_optimizer(
+            model, TrainConfig(), {"encoder": list(model.parameters()), "decoder": list(model.parameters())}
+        )
 
 
 def test_gradients_are_clipped_to_the_configured_norm(tmp_path):
     model = toy.ToyModel()
-    result = train(model, toy.make_step_fn(None), toy.ToyDataset(), toy.toy_config(steps=3, grad_clip=1e-3,
-                   eval_every=0), tmp_path, progress=False)
+    result = train(
+        model,
+        toy.make_step_fn(None),
+        toy.ToyDataset(),
+        toy.toy_config(steps=3, grad_clip=1e-3, eval_every=0),
+        tmp_path,
+        progress=False,
+    )
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
     assert norm <= 1e-3 * (1 + 1e-4)
     assert result.train_metrics["grad_norm"] > 1e-3  # the logged norm is the one before clipping
@@ -333,8 +350,14 @@ def test_bf16_autocast_is_active_inside_the_step_on_cpu(tmp_path):
         seen.append(logits.dtype)
         return nn.functional.binary_cross_entropy_with_logits(logits.float(), batch[1]), {}
 
-    train(toy.ToyModel(), step_fn, toy.ToyDataset(), toy.toy_config(steps=1, amp="bf16", eval_every=0), tmp_path,
-          progress=False)
+    train(
+        toy.ToyModel(),
+        step_fn,
+        toy.ToyDataset(),
+        toy.toy_config(steps=1, amp="bf16", eval_every=0),
+        tmp_path,
+        progress=False,
+    )
     assert seen == [True, torch.bfloat16]
 
 
@@ -400,8 +423,18 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch)
 
 def test_ddp_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path):
     out = tmp_path / "ddp.pt"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(TOY_PATH), str(tmp_path / "ddp_run"), "--ddp-first-step", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(TOY_PATH),
+        str(tmp_path / "ddp_run"),
+        "--ddp-first-step",
+        str(out),
+    ]
     finished = subprocess.run(command, check=False, env=_script_env(), capture_output=True, timeout=180)
     assert finished.returncode == 0, finished.stderr.decode()[-3000:]
     ddp = torch.load(out, weights_only=True)
@@ -409,8 +442,14 @@ def test_ddp_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path):
 
     torch.manual_seed(0)
     model = toy.ToyModel(dropout=0.0)
-    result = train(model, toy.make_step_fn(None), toy.ToyDataset(),
-                   toy.toy_config(steps=1, warmup_steps=0, grad_clip=None), tmp_path / "single", progress=False)
+    result = train(
+        model,
+        toy.make_step_fn(None),
+        toy.ToyDataset(),
+        toy.toy_config(steps=1, warmup_steps=0, grad_clip=None),
+        tmp_path / "single",
+        progress=False,
+    )
     assert math.isclose(ddp["loss"], result.train_metrics["loss"], rel_tol=1e-6)
     for name, p in model.named_parameters():
         torch.testing.assert_close(ddp["grads"][name], p.grad, rtol=1e-5, atol=1e-7)
