@@ -177,8 +177,9 @@ def main() -> None:
     parser.add_argument("--step-delay", type=float, default=0.0)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--ddp-first-step", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (match the comparison run)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     if args.ddp_first_step is not None:
         _ddp_first_step(args.run_dir, args.ddp_first_step)
         return

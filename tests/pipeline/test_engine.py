@@ -77,7 +77,17 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, toy.T
 def test_sigkill_mid_run_then_resume_equals_uninterrupted_run_bitwise(tmp_path, uninterrupted, workers):
     reference_dir, _ = uninterrupted
     run_dir = tmp_path / "killed"
-    command = [sys.executable, str(TOY_PATH), str(run_dir), "--workers", str(workers), "--step-delay", "0.06"]
+    command = [
+        sys.executable,
+        str(TOY_PATH),
+        str(run_dir),
+        "--workers",
+        str(workers),
+        "--step-delay",
+        "0.06",
+        "--threads",
+        str(torch.get_num_threads()),
+    ]
     process = subprocess.Popen(command, env=_script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
