@@ -29,6 +29,7 @@ import os
 import random
 import re
 import shutil
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,19 +155,25 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
             if len(cuda) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(cuda)
             else:
-                logger.warning("checkpoint has %d CUDA RNG states for %d devices; not restored",
-                               len(cuda), torch.cuda.device_count())
+                logger.warning(
+                    "checkpoint has %d CUDA RNG states for %d devices; not restored",
+                    len(cuda),
+                    torch.cuda.device_count(),
+                )
         np_state = state["numpy"]
-        np.random.set_state((
-            np_state["bit_generator"],
-            np_state["keys"].numpy().astype(np.uint32),
-            int(np_state["pos"]),
-            int(np_state["has_gauss"]),
-            float(np_state["cached_gaussian"]),
-        ))
+        np.random.set_state(
+            (
+                np_state["bit_generator"],
+                np_state["keys"].numpy().astype(np.uint32),
+                int(np_state["pos"]),
+                int(np_state["has_gauss"]),
+                float(np_state["cached_gaussian"]),
+            )
+        )
         py_state = state["python"]
-        random.setstate((int(py_state["version"]), tuple(int(v) for v in py_state["state"].tolist()),
-                         py_state["gauss_next"]))
+        random.setstate(
+            (int(py_state["version"]), tuple(int(v) for v in py_state["state"].tolist()), py_state["gauss_next"])
+        )
     except (KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"malformed RNG state in checkpoint: {error!r}") from error
 
@@ -180,11 +187,11 @@ def _check_weights_only(value: Any, where: str) -> None:
     """Refuse, before writing, anything ``torch.load(weights_only=True)`` could not read back."""
     if isinstance(value, (torch.Tensor, _ALLOWED_SCALARS)):
         return
-    if isinstance(value, (list, tuple)):
+    if type(value) in (list, tuple):  # exact types: namedtuples / subclasses are not weights_only-loadable
         for i, item in enumerate(value):
             _check_weights_only(item, f"{where}[{i}]")
         return
-    if isinstance(value, dict):
+    if type(value) in (dict, OrderedDict, Counter):  # what torch's weights_only unpickler accepts
         for key, item in value.items():
             if not isinstance(key, (str, int)):
                 raise TypeError(f"training state key {where}[{key!r}] must be a str or int, got {type(key).__name__}")
@@ -244,7 +251,9 @@ def check_writable(directory: str | os.PathLike[str]) -> Path:
         os.replace(probe, probe.with_suffix(".done"))
         probe.with_suffix(".done").unlink()
     except OSError as error:
-        raise CheckpointWriteError(f"run directory {directory} is not writable: {_describe(error)} ({error})") from error
+        raise CheckpointWriteError(
+            f"run directory {directory} is not writable: {_describe(error)} ({error})"
+        ) from error
     finally:
         with contextlib.suppress(OSError):
             probe.unlink(missing_ok=True)
@@ -324,9 +333,7 @@ def save_checkpoint(
         shutil.rmtree(tmp_dir, ignore_errors=True)
         previous = latest_checkpoint(checkpoint_dir) if checkpoint_dir.is_dir() else None
         kept = f"the previous checkpoint {previous.directory} is intact" if previous else "no earlier checkpoint exists"
-        raise CheckpointWriteError(
-            f"cannot write checkpoint {final}: {_describe(error)} ({error}); {kept}"
-        ) from error
+        raise CheckpointWriteError(f"cannot write checkpoint {final}: {_describe(error)} ({error}); {kept}") from error
     _prune(checkpoint_dir, keep, final)
     return CheckpointInfo(final, step)
 
@@ -452,8 +459,9 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
     shared = _shared_groups(model)
     unexpected = sorted(set(shapes) - set(expected))
     missing = sorted(k for k in set(expected) - set(shapes) if not (shared.get(k, {k}) & set(shapes)))
-    wrong = sorted(f"{k}: file {shapes[k]} vs model {expected[k]}" for k in set(shapes) & set(expected)
-                   if shapes[k] != expected[k])
+    wrong = sorted(
+        f"{k}: file {shapes[k]} vs model {expected[k]}" for k in set(shapes) & set(expected) if shapes[k] != expected[k]
+    )
     if unexpected or missing or wrong:
         parts = []
         if missing:
@@ -536,5 +544,5 @@ def load_checkpoint(
             continue
         return info, state
     if failures:
-        raise CheckpointCorruptError("no readable checkpoint in " f"{checkpoint_dir}: " + " | ".join(failures))
+        raise CheckpointCorruptError(f"no readable checkpoint in {checkpoint_dir}: " + " | ".join(failures))
     return None

@@ -101,6 +101,8 @@ class TrainConfig:
         num_workers: ``DataLoader`` worker processes (0 = load in the main process).
         seed: seed of the model-side RNGs and of the data order.
         device: ``"auto"`` (the local GPU when available, else CPU), ``"cpu"`` or ``"cuda"``.
+        ddp_find_unused_parameters: let DDP handle parameters that get no gradient in a step (e.g.
+            heads a stage does not use); slower, so off by default.
 
     Raises:
         ValueError: on an out-of-range value (naming it).
@@ -127,6 +129,7 @@ class TrainConfig:
     num_workers: int = 2
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    ddp_find_unused_parameters: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "keep_checkpoints"):
@@ -207,9 +210,7 @@ def _type_name(tp: Any) -> str:
 
 
 def _bad(key: str, value: Any, tp: Any, extra: str = "") -> ConfigError:
-    return ConfigError(
-        f"config key {key!r}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__}){extra}"
-    )
+    return ConfigError(f"config key {key!r}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__}){extra}")
 
 
 def _is_union(tp: Any) -> bool:

@@ -87,6 +87,7 @@ __all__ = [
     "DistInfo",
     "EpochAwareDataset",
     "EvaluateFn",
+    "PairedDataset",
     "ResumableBatchSampler",
     "Stateful",
     "StepFn",
@@ -96,6 +97,7 @@ __all__ = [
     "cleanup_distributed",
     "distributed_info",
     "init_distributed",
+    "load_trained",
     "move_to_device",
     "read_metrics",
     "train",
@@ -115,7 +117,15 @@ METRICS_NAME = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 
 # Config fields that may change between a run and its resumption (they do not alter the trajectory).
-_RESUMABLE_CHANGES = {"eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers", "device"}
+_RESUMABLE_CHANGES = {
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "log_every",
+    "num_workers",
+    "device",
+    "ddp_find_unused_parameters",
+}
 
 
 @runtime_checkable
@@ -305,19 +315,62 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
             yield [(epoch, int(i)) for i in order[first : first + local]]
 
 
+def _fetch(dataset: Any, index: int, epoch: int) -> Any:
+    getter = getattr(dataset, "get_item", None)
+    return getter(index, epoch) if callable(getter) else dataset[index]
+
+
+class PairedDataset:
+    """Pairs each item of ``primary`` with an item of ``secondary`` (e.g. labeled + unlabeled per step).
+
+    The length (and so the epoch) is that of ``primary``. Item ``i`` of epoch ``e`` is
+    ``(primary[i], secondary[j])`` with ``j = perm_e[i mod m]``, ``perm_e`` a permutation of the
+    ``m`` secondary items seeded by ``(seed, e)``; when ``secondary`` is the larger set, successive
+    epochs draw different parts of it. Both datasets receive the epoch if they are
+    :class:`EpochAwareDataset`.
+
+    Args:
+        primary: the dataset that defines the epoch.
+        secondary: the dataset sampled alongside.
+        seed: seed of the secondary order.
+
+    Raises:
+        ValueError: if either dataset is empty.
+    """
+
+    def __init__(self, primary: Any, secondary: Any, seed: int = 0) -> None:
+        if len(primary) == 0 or len(secondary) == 0:
+            raise ValueError(f"both datasets must be non-empty, got {len(primary)} and {len(secondary)} items")
+        self.primary, self.secondary, self.seed = primary, secondary, seed
+
+    def __len__(self) -> int:
+        return len(self.primary)
+
+    def secondary_index(self, index: int, epoch: int) -> int:
+        """Which secondary item goes with primary item ``index`` in ``epoch``."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.secondary))
+        return int(order[index % len(self.secondary)])
+
+    def get_item(self, index: int, epoch: int) -> tuple[Any, Any]:
+        """``(primary item, secondary item)`` for ``index`` in ``epoch``."""
+        return _fetch(self.primary, index, epoch), _fetch(self.secondary, self.secondary_index(index, epoch), epoch)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        return self.get_item(index, 0)
+
+
 class _KeyedDataset(Dataset):
     """Reads ``(epoch, index)`` keys: ``get_item(index, epoch)`` when defined, else ``dataset[index]``."""
 
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
-        self.epoch_aware = callable(getattr(dataset, "get_item", None))
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         epoch, index = key
-        return self.dataset.get_item(index, epoch) if self.epoch_aware else self.dataset[index]
+        return _fetch(self.dataset, index, epoch)
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -361,8 +414,9 @@ def build_optimizer(
         groups.append({"params": trainable, "lr": lr, "name": name})
     left_out = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
     if left_out:
-        logger.warning("%d trainable parameter(s) are in no group and will not be updated, e.g. %s",
-                       len(left_out), left_out[:3])
+        logger.warning(
+            "%d trainable parameter(s) are in no group and will not be updated, e.g. %s", len(left_out), left_out[:3]
+        )
     return AdamW(groups, lr=config.lr_decoder, betas=config.betas, weight_decay=config.weight_decay)
 
 
@@ -414,7 +468,9 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(move_to_device(v, device) for v in batch)
     if is_dataclass(batch) and not isinstance(batch, type):
-        return replace(batch, **{f.name: move_to_device(getattr(batch, f.name), device) for f in fields(batch) if f.init})
+        return replace(
+            batch, **{f.name: move_to_device(getattr(batch, f.name), device) for f in fields(batch) if f.init}
+        )
     return batch
 
 
@@ -501,6 +557,35 @@ class _MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def load_trained(model: nn.Module, run_dir: str | os.PathLike[str], *, require_finished: bool = True) -> CheckpointInfo:
+    """Load the weights a finished :func:`train` call left in ``run_dir`` (e.g. the previous stage's).
+
+    Args:
+        model: the model to load into.
+        run_dir: the ``run_dir`` given to :func:`train`.
+        require_finished: refuse a run whose last checkpoint is not its final one.
+
+    Returns:
+        The checkpoint loaded.
+
+    Raises:
+        FileNotFoundError: if ``run_dir`` holds no checkpoint, or (with ``require_finished``) the run
+            stopped before its last step (the message says to resume it).
+        CheckpointMismatchError: if the checkpoint belongs to another model.
+    """
+    checkpoint_dir = Path(run_dir) / CHECKPOINT_DIR
+    loaded = load_checkpoint(checkpoint_dir, model)
+    if loaded is None:
+        raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}: run that stage first")
+    info, state = loaded
+    if require_finished and not state.get("finished", False):
+        steps = state.get("config", {}).get("steps", "?")
+        raise FileNotFoundError(
+            f"the run in {run_dir} stopped at step {info.step} of {steps}; resume it to finish before using its weights"
+        )
+    return info
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -704,20 +789,31 @@ def train(
         if len(rng_states) == info.world_size:
             restore_rng_state(rng_states[info.rank])
         else:
-            logger.warning("checkpoint was written by %d process(es), this run has %d: RNG states reseeded",
-                           len(rng_states), info.world_size)
+            logger.warning(
+                "checkpoint was written by %d process(es), this run has %d: RNG states reseeded",
+                len(rng_states),
+                info.world_size,
+            )
         window.load_state_dict(state["log_window"])
         last_train, last_eval = dict(state["last_train"]), dict(state["last_eval"])
         start_step = resumed_from = int(state["step"])
         if info.is_main:
             logger.info("%s: resumed from %s (step %d)", desc, checkpoint.directory, start_step)
         if start_step >= config.steps:
-            return TrainResult(start_step, last_train, last_eval if info.is_main else {}, checkpoint.directory,
-                               resumed_from, already_finished=True, wall_time=time.perf_counter() - started)
+            return TrainResult(
+                start_step,
+                last_train,
+                last_eval if info.is_main else {},
+                checkpoint.directory,
+                resumed_from,
+                already_finished=True,
+                wall_time=time.perf_counter() - started,
+            )
 
     # ---- data: a deterministic order that skips what was consumed
-    sampler = ResumableBatchSampler(num_items, config.batch_size, config.seed, start_step, config.steps,
-                                    info.rank, info.world_size)
+    sampler = ResumableBatchSampler(
+        num_items, config.batch_size, config.seed, start_step, config.steps, info.rank, info.world_size
+    )
     loader = DataLoader(
         _KeyedDataset(dataset),
         batch_sampler=sampler,
@@ -729,12 +825,20 @@ def train(
     train_model: nn.Module = model
     if info.distributed:
         train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=config.ddp_find_unused_parameters,
         )
     params = [p for group in optimizer.param_groups for p in group["params"]]
     log = _MetricsLog(run_dir, info.is_main, start_step)
-    bar = tqdm(total=config.steps, initial=start_step, desc=desc, disable=not (progress and info.is_main),
-               dynamic_ncols=True, unit="it")
+    bar = tqdm(
+        total=config.steps,
+        initial=start_step,
+        desc=desc,
+        disable=not (progress and info.is_main),
+        dynamic_ncols=True,
+        unit="it",
+    )
     call_times = {"data_time": 0.0, "step_time": 0.0}
     history: list[dict[str, Any]] = []
     final: Path | None = None
@@ -758,6 +862,7 @@ def train(
             else:
                 loss.backward()
             values = {"loss": float(loss.detach()), **terms}
+            lrs = {f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups}  # the rates this step uses
             if config.grad_clip is not None:
                 values["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
             if scaler is not None:
@@ -778,19 +883,26 @@ def train(
             if step % config.log_every == 0 or step == config.steps:
                 means = _reduce_mean(window.means(), info, device)
                 times = {k: v / max(window.count, 1) for k, v in window.times.items()}
-                epoch = step // sampler.steps_per_epoch
-                lrs = {f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups}
+                epoch = sampler.position(step - 1)[0]  # the epoch of the batch just used
                 share = times["data_time"] / max(times["data_time"] + times["step_time"], 1e-12)
-                last_train = {"kind": "train", "step": step, "epoch": epoch, **means, **lrs, **times,
-                              "data_share": share}
+                last_train = {
+                    "kind": "train",
+                    "step": step,
+                    "epoch": epoch,
+                    **means,
+                    **lrs,
+                    **times,
+                    "data_share": share,
+                }
                 log.write(last_train)
                 history.append(last_train)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in means.items()}, refresh=False)
                 window = _Window()
 
             # ---- evaluate (rank 0; RNG states saved and restored so training is unaffected)
-            if evaluate_fn is not None and ((config.eval_every and step % config.eval_every == 0)
-                                            or step == config.steps):
+            if evaluate_fn is not None and (
+                (config.eval_every and step % config.eval_every == 0) or step == config.steps
+            ):
                 if info.is_main:
                     last_eval = _evaluate(model, evaluate_fn, step)
                     log.write(last_eval)
@@ -807,9 +919,14 @@ def train(
                     "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else {},
                     "rng": _gather_rng_states(info),
-                    "data": {"seed": config.seed, "batch_size": config.batch_size, "num_items": num_items,
-                             "world_size": info.world_size, "epoch": sampler.position(step)[0],
-                             "batch_in_epoch": sampler.position(step)[1]},
+                    "data": {
+                        "seed": config.seed,
+                        "batch_size": config.batch_size,
+                        "num_items": num_items,
+                        "world_size": info.world_size,
+                        "next_epoch": sampler.position(step)[0],
+                        "next_batch_in_epoch": sampler.position(step)[1],
+                    },
                     "extra": {name: obj.state_dict() for name, obj in extra_state.items()},
                     "log_window": window.state_dict(),
                     "last_train": last_train,

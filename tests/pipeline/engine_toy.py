@@ -100,14 +100,27 @@ def make_step_fn(stat: RunningStat | None):
 
 def toy_config(**changes: Any) -> TrainConfig:
     base: dict[str, Any] = {
-        "steps": 30, "batch_size": 4, "lr_encoder": 1e-2, "lr_decoder": 3e-2, "weight_decay": 0.05,
-        "scheduler": "poly", "warmup_steps": 3, "grad_clip": 1.0, "eval_every": 7, "checkpoint_every": 5,
-        "log_every": 3, "num_workers": 0, "seed": 11, "device": "cpu",
+        "steps": 30,
+        "batch_size": 4,
+        "lr_encoder": 1e-2,
+        "lr_decoder": 3e-2,
+        "weight_decay": 0.05,
+        "scheduler": "poly",
+        "warmup_steps": 3,
+        "grad_clip": 1.0,
+        "eval_every": 7,
+        "checkpoint_every": 5,
+        "log_every": 3,
+        "num_workers": 0,
+        "seed": 11,
+        "device": "cpu",
     }
     return TrainConfig(**{**base, **changes})
 
 
-def run_toy(run_dir: Path, *, resume: bool = False, step_delay: float = 0.0, **changes: Any) -> tuple[ToyModel, TrainResult]:
+def run_toy(
+    run_dir: Path, *, resume: bool = False, step_delay: float = 0.0, **changes: Any
+) -> tuple[ToyModel, TrainResult]:
     torch.manual_seed(0)
     model = ToyModel()
     stat = RunningStat()
@@ -123,9 +136,17 @@ def run_toy(run_dir: Path, *, resume: bool = False, step_delay: float = 0.0, **c
         return {"mean_logit": float(logits.mean())}
 
     result = train(
-        model, slow_step if step_delay else step, ToyDataset(), toy_config(**changes), run_dir,
+        model,
+        slow_step if step_delay else step,
+        ToyDataset(),
+        toy_config(**changes),
+        run_dir,
         param_groups={"encoder": list(model.encoder.parameters()), "decoder": list(model.decoder.parameters())},
-        evaluate_fn=evaluate, extra_state={"stat": stat}, resume=resume, desc="toy", progress=False,
+        evaluate_fn=evaluate,
+        extra_state={"stat": stat},
+        resume=resume,
+        desc="toy",
+        progress=False,
     )
     return model, result
 
@@ -133,14 +154,19 @@ def run_toy(run_dir: Path, *, resume: bool = False, step_delay: float = 0.0, **c
 def _ddp_first_step(run_dir: Path, out: Path) -> None:
     torch.manual_seed(0)
     model = ToyModel(dropout=0.0)
-    result = train(model, make_step_fn(None), ToyDataset(), toy_config(steps=1, warmup_steps=0, grad_clip=None),
-                   run_dir, progress=False)
+    result = train(
+        model,
+        make_step_fn(None),
+        ToyDataset(),
+        toy_config(steps=1, warmup_steps=0, grad_clip=None),
+        run_dir,
+        progress=False,
+    )
     from reference_pipeline.engine import cleanup_distributed, distributed_info
 
     if distributed_info().is_main:
         grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-        torch.save({"loss": result.train_metrics["loss"], "grads": grads,
-                    "world": distributed_info().world_size}, out)
+        torch.save({"loss": result.train_metrics["loss"], "grads": grads, "world": distributed_info().world_size}, out)
     cleanup_distributed()
 
 
@@ -151,8 +177,9 @@ def main() -> None:
     parser.add_argument("--step-delay", type=float, default=0.0)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--ddp-first-step", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (match the comparison run)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     if args.ddp_first_step is not None:
         _ddp_first_step(args.run_dir, args.ddp_first_step)
         return

@@ -86,6 +86,15 @@ def test_unsafe_state_is_refused_before_anything_is_written(tmp_path):
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
+def test_containers_weights_only_loading_cannot_read_are_refused_before_writing(tmp_path):
+    from collections import defaultdict, namedtuple
+
+    with pytest.raises(TypeError, match=r"state\['bank'\] is a defaultdict"):
+        save_checkpoint(tmp_path, 1, _model(0), {"bank": defaultdict(list)})
+    with pytest.raises(TypeError, match=r"state\['pair'\] is a Pair"):
+        save_checkpoint(tmp_path, 1, _model(0), {"pair": namedtuple("Pair", "a b")(1, 2)})
+
+
 def test_crash_between_weights_and_pointer_loads_the_previous_checkpoint(tmp_path, monkeypatch):
     first = _model(1)
     save_checkpoint(tmp_path, 1, first, _state(1))

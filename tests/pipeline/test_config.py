@@ -120,8 +120,11 @@ def test_malformed_override_and_missing_file_and_bad_yaml(tmp_path):
 
 
 def test_yaml_round_trip_gives_an_equal_config(tmp_path):
-    cfg = load_config(StageSection, None, ["train.milestones=[0.5,0.8]", "model.weights=/x", "names=[b,c]",
-                                           "train.grad_clip=0.1", "mode=uniform"])
+    cfg = load_config(
+        StageSection,
+        None,
+        ["train.milestones=[0.5,0.8]", "model.weights=/x", "names=[b,c]", "train.grad_clip=0.1", "mode=uniform"],
+    )
     path = save_config(cfg, tmp_path / "sub" / "saved.yaml")
     assert load_config(StageSection, path) == cfg
     assert config_to_dict(cfg)["train"]["milestones"] == [0.5, 0.8]

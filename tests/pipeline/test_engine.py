@@ -25,9 +25,11 @@ from reference_pipeline.checkpoint import CheckpointMismatchError, CheckpointWri
 from reference_pipeline.config import TrainConfig
 from reference_pipeline.engine import (
     TIMING_KEYS,
+    PairedDataset,
     ResumableBatchSampler,
     build_optimizer,
     build_scheduler,
+    load_trained,
     move_to_device,
     read_metrics,
     train,
@@ -75,7 +77,17 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, toy.T
 def test_sigkill_mid_run_then_resume_equals_uninterrupted_run_bitwise(tmp_path, uninterrupted, workers):
     reference_dir, _ = uninterrupted
     run_dir = tmp_path / "killed"
-    command = [sys.executable, str(TOY_PATH), str(run_dir), "--workers", str(workers), "--step-delay", "0.06"]
+    command = [
+        sys.executable,
+        str(TOY_PATH),
+        str(run_dir),
+        "--workers",
+        str(workers),
+        "--step-delay",
+        "0.06",
+        "--threads",
+        str(torch.get_num_threads()),
+    ]
     process = subprocess.Popen(command, env=_script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
@@ -169,8 +181,15 @@ def test_resuming_with_another_model_names_the_checkpoint_and_the_keys(uninterru
             return self.decoder(features), features
 
     with pytest.raises(CheckpointMismatchError, match=r"step_00000030/model.safetensors.*encoder\.0\.weight"):
-        train(Wider(), toy.make_step_fn(None), toy.ToyDataset(), toy.toy_config(), reference_dir, resume=True,
-              progress=False)
+        train(
+            Wider(),
+            toy.make_step_fn(None),
+            toy.ToyDataset(),
+            toy.toy_config(),
+            reference_dir,
+            resume=True,
+            progress=False,
+        )
 
 
 def test_evaluation_does_not_change_training(tmp_path, uninterrupted):
@@ -189,6 +208,8 @@ def test_metrics_file_holds_train_and_eval_records_at_their_cadence(uninterrupte
     first = records[0]
     assert {"loss", "bce", "pull", "grad_norm", "lr/encoder", "lr/decoder", "data_time", "step_time"} <= set(first)
     assert math.isclose(first["lr/decoder"] / first["lr/encoder"], 3.0)
+    last = [r for r in records if r["kind"] == "train"][-1]
+    assert last["lr/decoder"] > 0  # the rate used by the last step, not the (zero) one after it
 
 
 # ----------------------------------------------------------------------------- data order
@@ -212,8 +233,9 @@ def test_sampler_epochs_are_permutations_without_repeats_and_differ():
 
 def test_sampler_ranks_shard_the_same_global_batch():
     single = list(ResumableBatchSampler(20, 4, seed=1, start_step=3, end_step=8))
-    shards = [list(ResumableBatchSampler(20, 4, seed=1, start_step=3, end_step=8, rank=r, world_size=2))
-              for r in range(2)]
+    shards = [
+        list(ResumableBatchSampler(20, 4, seed=1, start_step=3, end_step=8, rank=r, world_size=2)) for r in range(2)
+    ]
     assert [a + b for a, b in zip(*shards)] == single
 
 
@@ -227,6 +249,41 @@ def test_epoch_aware_dataset_receives_the_epoch(tmp_path):
     model = toy.ToyModel()
     train(model, toy.make_step_fn(None), dataset, toy.toy_config(steps=20, eval_every=0), tmp_path, progress=False)
     assert dataset.epochs_seen == {0, 1, 2}  # 9 batches of 4 per epoch
+
+
+class _Recorder:
+    def __init__(self, size: int, epoch_aware: bool) -> None:
+        self.size = size
+        if epoch_aware:
+            self.get_item = lambda index, epoch: ("aware", index, epoch)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int):
+        return ("plain", index)
+
+
+def test_paired_dataset_passes_the_epoch_down_and_cycles_through_a_seeded_permutation_of_the_secondary():
+    paired = PairedDataset(_Recorder(4, epoch_aware=False), _Recorder(10, epoch_aware=True), seed=2)
+    assert len(paired) == 4
+    first, second = paired.get_item(3, epoch=5)
+    assert first == ("plain", 3) and second[0] == "aware" and second[2] == 5
+    partners = [paired.secondary_index(i, 0) for i in range(10)]
+    assert sorted(partners) == list(range(10))  # every secondary item once per cycle
+    assert partners != [paired.secondary_index(i, 1) for i in range(10)]  # a new order each epoch
+
+
+def test_load_trained_loads_a_finished_run_and_refuses_an_unfinished_one(tmp_path, uninterrupted):
+    reference_dir, trained = uninterrupted
+    model = toy.ToyModel()
+    assert load_trained(model, reference_dir).step == 30
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values()))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_trained(model, tmp_path / "empty")
+    checkpoint_module.save_checkpoint(tmp_path / "checkpoints", 5, model, {"finished": False, "config": {"steps": 30}})
+    with pytest.raises(FileNotFoundError, match="stopped at step 5 of 30; resume it"):
+        load_trained(model, tmp_path)
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -265,21 +322,30 @@ def test_warmup_multiplies_the_decay_linearly_from_the_warmup_factor():
 def test_encoder_group_gets_the_encoder_learning_rate():
     model = toy.ToyModel()
     config = TrainConfig(lr_encoder=1e-5, lr_decoder=1e-3)
-    optimizer = build_optimizer(model, config, {"encoder": list(model.encoder.parameters()),
-                                                "decoder": list(model.decoder.parameters())})
+    optimizer = build_optimizer(
+        model, config, {"encoder": list(model.encoder.parameters()), "decoder": list(model.decoder.parameters())}
+    )
     assert {g["name"]: g["lr"] for g in optimizer.param_groups} == {"encoder": 1e-5, "decoder": 1e-3}
 
 
 def test_a_parameter_in_two_groups_is_refused():
     model = toy.ToyModel()
     with pytest.raises(ValueError, match="in both groups"):
-        build_optimizer(model, TrainConfig(), {"encoder": list(model.parameters()), "decoder": list(model.parameters())})
+        build_optimizer(
+            model, TrainConfig(), {"encoder": list(model.parameters()), "decoder": list(model.parameters())}
+        )
 
 
 def test_gradients_are_clipped_to_the_configured_norm(tmp_path):
     model = toy.ToyModel()
-    result = train(model, toy.make_step_fn(None), toy.ToyDataset(), toy.toy_config(steps=3, grad_clip=1e-3,
-                   eval_every=0), tmp_path, progress=False)
+    result = train(
+        model,
+        toy.make_step_fn(None),
+        toy.ToyDataset(),
+        toy.toy_config(steps=3, grad_clip=1e-3, eval_every=0),
+        tmp_path,
+        progress=False,
+    )
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
     assert norm <= 1e-3 * (1 + 1e-4)
     assert result.train_metrics["grad_norm"] > 1e-3  # the logged norm is the one before clipping
@@ -294,8 +360,14 @@ def test_bf16_autocast_is_active_inside_the_step_on_cpu(tmp_path):
         seen.append(logits.dtype)
         return nn.functional.binary_cross_entropy_with_logits(logits.float(), batch[1]), {}
 
-    train(toy.ToyModel(), step_fn, toy.ToyDataset(), toy.toy_config(steps=1, amp="bf16", eval_every=0), tmp_path,
-          progress=False)
+    train(
+        toy.ToyModel(),
+        step_fn,
+        toy.ToyDataset(),
+        toy.toy_config(steps=1, amp="bf16", eval_every=0),
+        tmp_path,
+        progress=False,
+    )
     assert seen == [True, torch.bfloat16]
 
 
@@ -361,8 +433,18 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch)
 
 def test_ddp_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path):
     out = tmp_path / "ddp.pt"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(TOY_PATH), str(tmp_path / "ddp_run"), "--ddp-first-step", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(TOY_PATH),
+        str(tmp_path / "ddp_run"),
+        "--ddp-first-step",
+        str(out),
+    ]
     finished = subprocess.run(command, check=False, env=_script_env(), capture_output=True, timeout=180)
     assert finished.returncode == 0, finished.stderr.decode()[-3000:]
     ddp = torch.load(out, weights_only=True)
@@ -370,8 +452,14 @@ def test_ddp_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path):
 
     torch.manual_seed(0)
     model = toy.ToyModel(dropout=0.0)
-    result = train(model, toy.make_step_fn(None), toy.ToyDataset(),
-                   toy.toy_config(steps=1, warmup_steps=0, grad_clip=None), tmp_path / "single", progress=False)
+    result = train(
+        model,
+        toy.make_step_fn(None),
+        toy.ToyDataset(),
+        toy.toy_config(steps=1, warmup_steps=0, grad_clip=None),
+        tmp_path / "single",
+        progress=False,
+    )
     assert math.isclose(ddp["loss"], result.train_metrics["loss"], rel_tol=1e-6)
     for name, p in model.named_parameters():
         torch.testing.assert_close(ddp["grads"][name], p.grad, rtol=1e-5, atol=1e-7)
