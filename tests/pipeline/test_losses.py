@@ -432,3 +432,45 @@ def test_contrast_term_rejects_mismatched_views() -> None:
         pixel_contrast_term(InstanceAwarePixelContrast(), weak, strong, identity, identity)
     with pytest.raises(TypeError, match="ViewGeometry"):
         pixel_contrast_term(InstanceAwarePixelContrast(), weak, weak, identity, identity.boxes)  # type: ignore[arg-type]
+
+
+def _fourier_features(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, h, w) coordinate-encoding images -> (B, 4, h/4, w/4) features whose cosine is 1 only at equal x, y."""
+    coords = F.avg_pool2d(images[:, :2], 4) * 4 * math.pi  # (B, 2, h/4, w/4) x, y in [0, 4π]
+    return torch.cat([coords.cos(), coords.sin()], dim=1)  # (B, 4, h/4, w/4)
+
+
+def test_views_from_the_augmentation_pipeline_pair_the_same_scene_points() -> None:
+    # Each pixel's colour encodes its original (x, y); after the weak and strong views, features
+    # computed from those colours agree at a weak pixel and its aligned strong pixel only if the
+    # geometry conventions of augment.py and align_views match.
+    from reference_pipeline.data.augment import StrongViewConfig, TwoViewTransform, WeakViewConfig, collate_views
+    from reference_pipeline.data.structures import InstanceSample
+
+    size = 64
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    image = torch.stack([xs * 255 // (size - 1), ys * 255 // (size - 1), torch.full_like(xs, 128)], -1)
+    sample = InstanceSample(
+        image.numpy().astype("uint8"),
+        torch.zeros(0, size, size, dtype=torch.bool).numpy(),
+        torch.zeros(0, dtype=torch.int64).numpy(),
+        torch.zeros(0, dtype=torch.bool).numpy(),
+        0,
+        "coords.png",
+    )
+    transform = TwoViewTransform(
+        WeakViewConfig(output_size=(size, size)),
+        StrongViewConfig(output_size=(48, 48), jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0),
+    )
+    pairs = [transform(sample, TwoViewTransform.rng_for(3, 0, i)) for i in range(4)]
+    weak_batch, strong_batch = collate_views([w for w, _ in pairs]), collate_views([s for _, s in pairs])
+    assert bool(strong_batch.geometry.flips.any()) and not bool(strong_batch.geometry.flips.all())
+    weak = SegmentationOutput(torch.zeros(4, 2, 16, 16), torch.zeros(4, 2, C + 1), _fourier_features(weak_batch.images))
+    strong = SegmentationOutput(
+        torch.zeros(4, 2, 12, 12), torch.zeros(4, 2, C + 1), _fourier_features(strong_batch.images)
+    )
+    criterion = InstanceAwarePixelContrast(num_negatives=4, strategy="uniform")
+    aligned = pixel_contrast_term(criterion, weak, strong, weak_batch.geometry, strong_batch.geometry)
+    ignored = pixel_contrast_term(criterion, weak, strong, weak_batch.geometry, weak_batch.geometry)
+    assert aligned.stats.positive_cosine > 0.98
+    assert ignored.stats.positive_cosine < 0.7
