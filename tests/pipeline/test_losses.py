@@ -153,7 +153,7 @@ def test_batch_without_any_instance_gives_finite_class_only_loss() -> None:
     empty = InstanceTargets(torch.zeros(0, *IMAGE), torch.zeros(0, dtype=torch.int64))
     class_logits = torch.randn(2, 4, C + 1)
     losses = SetCriterion(C)(_output(torch.randn(2, 4, *GRID, requires_grad=True), class_logits), [empty, empty])
-    assert float(losses["loss_mask"]) == 0.0 and float(losses["loss_dice"]) == 0.0
+    assert losses["loss_mask"].item() == 0.0 and losses["loss_dice"].item() == 0.0
     expected = float(-class_logits.log_softmax(-1)[..., C].mean())  # equal weights cancel
     assert float(losses["loss_cross_entropy"]) == pytest.approx(2.0 * expected, rel=1e-5)
     assert losses["total"].requires_grad
