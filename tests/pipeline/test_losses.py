@@ -294,7 +294,7 @@ def test_mask_count_is_local_and_at_least_one_in_one_process() -> None:
 def test_unified_objective_weights_each_term_and_logs_them_unweighted() -> None:
     sup, semi, pxl = (torch.tensor(v, requires_grad=True) for v in (1.0, 2.0, 3.0))
     total, log = unified_objective(sup, semi, pxl, lambda_semi=0.5, lambda_pxl=0.2)
-    assert float(total) == pytest.approx(1.0 + 0.5 * 2.0 + 0.2 * 3.0)
+    assert total.item() == pytest.approx(1.0 + 0.5 * 2.0 + 0.2 * 3.0)
     assert log == pytest.approx({"sup": 1.0, "semi": 2.0, "pxl": 3.0, "total": 2.6})
     total.backward()
     assert [float(t.grad) for t in (sup, semi, pxl)] == pytest.approx([1.0, 0.5, 0.2])
