@@ -217,6 +217,7 @@ def test_gradients_reach_mask_and_class_logits() -> None:
         ("soft_mask_out_of_range", ValueError, r"\[0, 1\]"),
         ("single_target", TypeError, "list of InstanceTargets"),
         ("bad_aux", TypeError, "aux_outputs"),
+        ("aux_other_resolution", ValueError, "those of the final layer"),
     ],
 )
 def test_invalid_inputs_raise_clear_errors(change: str, error: type, match: str) -> None:
@@ -244,6 +245,8 @@ def test_invalid_inputs_raise_clear_errors(change: str, error: type, match: str)
         target_list = targets
     elif change == "bad_aux":
         aux = [{"masks_queries_logits": masks}]
+    elif change == "aux_other_resolution":
+        aux = [{"masks_queries_logits": masks[..., :4, :4], "class_queries_logits": classes}]
     with pytest.raises(error, match=match):
         SetCriterion(C)(_output(masks, classes, aux), target_list)  # type: ignore[arg-type]
 
