@@ -45,9 +45,6 @@ __all__ = [
     "unified_objective",
 ]
 
-#: Names of the three weighted terms of the set criterion (``transformers``' keys).
-TERM_NAMES: tuple[str, ...] = ("loss_mask", "loss_dice", "loss_cross_entropy")
-
 
 @dataclass
 class CriterionConfig:
@@ -272,14 +269,10 @@ class SetCriterion(nn.Module):
                 raise TypeError(
                     f"aux_outputs[{index}] must hold tensors 'masks_queries_logits' and 'class_queries_logits'"
                 )
-            if (
-                aux_masks.shape[:2] != mask_logits.shape[:2]
-                or aux_masks.ndim != 4
-                or aux_classes.shape != class_logits.shape
-            ):
+            if aux_masks.shape != mask_logits.shape or aux_classes.shape != class_logits.shape:
                 raise ValueError(
                     f"aux_outputs[{index}] has shapes {tuple(aux_masks.shape)} and {tuple(aux_classes.shape)}, "
-                    f"expected (B, K, h', w') and {tuple(class_logits.shape)}"
+                    f"expected those of the final layer, {tuple(mask_logits.shape)} and {tuple(class_logits.shape)}"
                 )
             _check_finite(f"aux_outputs[{index}]", aux_masks, aux_classes)
         _check_finite("output", mask_logits, class_logits)

@@ -201,15 +201,16 @@ def pseudo_label(
         candidates = (scores >= config.score_threshold).nonzero(as_tuple=True)[0]  # (K',)
         order = scores[candidates].sort(descending=True, stable=True).indices  # (K',)
         candidates = candidates[order]  # (K',) by decreasing score, ties by query index
-        logits = resize_mask_logits(mask_logits.detach()[candidates], (height, width), config.mask_stride)
-        binary = logits.sigmoid() > config.mask_threshold  # (K', H, W)
+        logit_threshold = math.log(config.mask_threshold / (1.0 - config.mask_threshold))
         taken = torch.zeros((height, width), dtype=torch.bool, device=device)  # (H, W)
         kept_masks: list[Tensor] = []
         kept: list[int] = []
         for slot in range(candidates.numel()):
             if len(kept) == config.max_instances:
                 break
-            full = binary[slot]  # (H, W)
+            query = candidates[slot : slot + 1]  # (1,) one query at a time: memory stays O(H·W)
+            logits = resize_mask_logits(mask_logits.detach()[query], (height, width), config.mask_stride)[0]  # (H, W)
+            full = logits > logit_threshold  # (H, W) same as sigmoid(logits) > mask_threshold
             full_area = int(full.sum())
             visible = full & ~taken  # (H, W)
             area = int(visible.sum())

@@ -153,7 +153,7 @@ def test_batch_without_any_instance_gives_finite_class_only_loss() -> None:
     empty = InstanceTargets(torch.zeros(0, *IMAGE), torch.zeros(0, dtype=torch.int64))
     class_logits = torch.randn(2, 4, C + 1)
     losses = SetCriterion(C)(_output(torch.randn(2, 4, *GRID, requires_grad=True), class_logits), [empty, empty])
-    assert float(losses["loss_mask"]) == 0.0 and float(losses["loss_dice"]) == 0.0
+    assert losses["loss_mask"].item() == 0.0 and losses["loss_dice"].item() == 0.0
     expected = float(-class_logits.log_softmax(-1)[..., C].mean())  # equal weights cancel
     assert float(losses["loss_cross_entropy"]) == pytest.approx(2.0 * expected, rel=1e-5)
     assert losses["total"].requires_grad
@@ -217,6 +217,7 @@ def test_gradients_reach_mask_and_class_logits() -> None:
         ("soft_mask_out_of_range", ValueError, r"\[0, 1\]"),
         ("single_target", TypeError, "list of InstanceTargets"),
         ("bad_aux", TypeError, "aux_outputs"),
+        ("aux_other_resolution", ValueError, "those of the final layer"),
     ],
 )
 def test_invalid_inputs_raise_clear_errors(change: str, error: type, match: str) -> None:
@@ -244,6 +245,8 @@ def test_invalid_inputs_raise_clear_errors(change: str, error: type, match: str)
         target_list = targets
     elif change == "bad_aux":
         aux = [{"masks_queries_logits": masks}]
+    elif change == "aux_other_resolution":
+        aux = [{"masks_queries_logits": masks[..., :4, :4], "class_queries_logits": classes}]
     with pytest.raises(error, match=match):
         SetCriterion(C)(_output(masks, classes, aux), target_list)  # type: ignore[arg-type]
 
@@ -294,7 +297,7 @@ def test_mask_count_is_local_and_at_least_one_in_one_process() -> None:
 def test_unified_objective_weights_each_term_and_logs_them_unweighted() -> None:
     sup, semi, pxl = (torch.tensor(v, requires_grad=True) for v in (1.0, 2.0, 3.0))
     total, log = unified_objective(sup, semi, pxl, lambda_semi=0.5, lambda_pxl=0.2)
-    assert float(total) == pytest.approx(1.0 + 0.5 * 2.0 + 0.2 * 3.0)
+    assert total.item() == pytest.approx(1.0 + 0.5 * 2.0 + 0.2 * 3.0)
     assert log == pytest.approx({"sup": 1.0, "semi": 2.0, "pxl": 3.0, "total": 2.6})
     total.backward()
     assert [float(t.grad) for t in (sup, semi, pxl)] == pytest.approx([1.0, 0.5, 0.2])
@@ -432,3 +435,45 @@ def test_contrast_term_rejects_mismatched_views() -> None:
         pixel_contrast_term(InstanceAwarePixelContrast(), weak, strong, identity, identity)
     with pytest.raises(TypeError, match="ViewGeometry"):
         pixel_contrast_term(InstanceAwarePixelContrast(), weak, weak, identity, identity.boxes)  # type: ignore[arg-type]
+
+
+def _fourier_features(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, h, w) coordinate-encoding images -> (B, 4, h/4, w/4) features whose cosine is 1 only at equal x, y."""
+    coords = F.avg_pool2d(images[:, :2], 4) * 4 * math.pi  # (B, 2, h/4, w/4) x, y in [0, 4π]
+    return torch.cat([coords.cos(), coords.sin()], dim=1)  # (B, 4, h/4, w/4)
+
+
+def test_views_from_the_augmentation_pipeline_pair_the_same_scene_points() -> None:
+    # Each pixel's colour encodes its original (x, y); after the weak and strong views, features
+    # computed from those colours agree at a weak pixel and its aligned strong pixel only if the
+    # geometry conventions of augment.py and align_views match.
+    from reference_pipeline.data.augment import StrongViewConfig, TwoViewTransform, WeakViewConfig, collate_views
+    from reference_pipeline.data.structures import InstanceSample
+
+    size = 64
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    image = torch.stack([xs * 255 // (size - 1), ys * 255 // (size - 1), torch.full_like(xs, 128)], -1)
+    sample = InstanceSample(
+        image.numpy().astype("uint8"),
+        torch.zeros(0, size, size, dtype=torch.bool).numpy(),
+        torch.zeros(0, dtype=torch.int64).numpy(),
+        torch.zeros(0, dtype=torch.bool).numpy(),
+        0,
+        "coords.png",
+    )
+    transform = TwoViewTransform(
+        WeakViewConfig(output_size=(size, size)),
+        StrongViewConfig(output_size=(48, 48), jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0),
+    )
+    pairs = [transform(sample, TwoViewTransform.rng_for(3, 0, i)) for i in range(4)]
+    weak_batch, strong_batch = collate_views([w for w, _ in pairs]), collate_views([s for _, s in pairs])
+    assert bool(strong_batch.geometry.flips.any()) and not bool(strong_batch.geometry.flips.all())
+    weak = SegmentationOutput(torch.zeros(4, 2, 16, 16), torch.zeros(4, 2, C + 1), _fourier_features(weak_batch.images))
+    strong = SegmentationOutput(
+        torch.zeros(4, 2, 12, 12), torch.zeros(4, 2, C + 1), _fourier_features(strong_batch.images)
+    )
+    criterion = InstanceAwarePixelContrast(num_negatives=4, strategy="uniform")
+    aligned = pixel_contrast_term(criterion, weak, strong, weak_batch.geometry, strong_batch.geometry)
+    ignored = pixel_contrast_term(criterion, weak, strong, weak_batch.geometry, weak_batch.geometry)
+    assert aligned.stats.positive_cosine > 0.98
+    assert ignored.stats.positive_cosine < 0.7
