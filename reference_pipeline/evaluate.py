@@ -247,11 +247,11 @@ def _run_cocoeval(gt: COCO, results: list[dict[str, Any]], per_class: bool) -> d
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    logger.info("COCO segm evaluation:\n%s", buffer.getvalue().strip())
+    logger.debug("COCO segm evaluation:\n%s", buffer.getvalue().strip())
     metrics: dict[str, float] = {}
     for name, value in zip(METRIC_NAMES, evaluator.stats[: len(METRIC_NAMES)]):
         if value < 0:  # pycocotools' -1: no ground truth in this area range
-            logger.warning("%s is undefined (no ground-truth instance in its area range); reported as NaN", name)
+            logger.debug("%s is undefined (no ground-truth instance in its area range); reported as NaN", name)
             metrics[name] = math.nan
         else:
             metrics[name] = float(value) * 100.0
