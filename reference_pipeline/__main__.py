@@ -8,6 +8,6 @@ import sys
 # before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .cli import main  # noqa: E402
+from .cli import main
 
 sys.exit(main())

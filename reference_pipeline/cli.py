@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["QUICK_OVERRIDES", "build_parser", "main"]
 
@@ -54,7 +55,7 @@ QUICK_OVERRIDES: tuple[str, ...] = (
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", help="YAML config (default: configs/demo.yaml for demo, else required)")
+    parser.add_argument("--config", "-c", help="YAML config (default: configs/demo.yaml, the built-in dataset)")
     parser.add_argument(
         "--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config value, e.g. --set distill.train.steps=200 (repeatable; nested keys with dots)",
@@ -107,12 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args: argparse.Namespace, default_config: str | None):
+def _load(args: argparse.Namespace) -> Any:
+    """The run's :class:`~reference_pipeline.pipeline_config.PipelineConfig` from ``--config``/``--quick``/``--set``."""
     from .pipeline_config import load_pipeline_config
 
-    config = args.config or default_config
-    if config is None:
-        raise FileNotFoundError("this command needs --config FILE (e.g. configs/demo.yaml)")
+    config = args.config or _default_config()
     overrides = list(QUICK_OVERRIDES) if args.quick else []
     if args.quick:
         overrides.append("run_dir=runs/quick")
@@ -134,7 +134,7 @@ def _default_config() -> str:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    cfg = _load(args, _default_config())
+    cfg = _load(args)
     report = run_demo(cfg, resume=not args.no_resume, progress=not args.no_progress)
     print(f"report: {report}")
 
@@ -143,7 +143,7 @@ def _stage_command(name: str) -> Callable[[argparse.Namespace], None]:
     def run(args: argparse.Namespace) -> None:
         from . import stages
 
-        cfg = _load(args, None)
+        cfg = _load(args)
         datasets = stages.load_datasets(cfg, progress=not args.no_progress)
         function = {
             "adapt-teacher": stages.adapt_teacher,
@@ -161,7 +161,7 @@ def _stage_command(name: str) -> Callable[[argparse.Namespace], None]:
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from . import stages
 
-    cfg = _load(args, None)
+    cfg = _load(args)
     datasets = stages.load_datasets(cfg, progress=not args.no_progress)
     names = args.stage or [s for s in stages.EVALUABLE if s == "teacher_zero_shot" or (cfg.run_path / s / stages.WEIGHTS_FILE).is_file()]
     for name in names:
@@ -172,7 +172,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 def _cmd_predict(args: argparse.Namespace) -> None:
     from .predict import predict_folder
 
-    cfg = _load(args, None)
+    cfg = _load(args)
     out = predict_folder(cfg, Path(args.images), Path(args.out), stage=args.stage, score_threshold=args.score_threshold,
                          progress=not args.no_progress)
     print(f"predictions: {out}")
@@ -181,7 +181,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 def _cmd_export(args: argparse.Namespace) -> None:
     from .export import export_onnx
 
-    cfg = _load(args, None)
+    cfg = _load(args)
     path = Path(args.out) if args.out else cfg.run_path / "student.onnx"
     result = export_onnx(cfg, stage=args.stage, path=path)
     print(f"exported {result.path} (max |onnx - torch| = {result.max_abs_diff:.2e})")

@@ -39,12 +39,12 @@ from .data.structures import InstanceSample
 
 __all__ = [
     "METRIC_NAMES",
-    "InstancePredictions",
-    "postprocess_mask2former",
-    "coco_from_samples",
-    "predictions_to_coco_results",
-    "evaluate_coco_masks",
     "CocoMaskEvaluator",
+    "InstancePredictions",
+    "coco_from_samples",
+    "evaluate_coco_masks",
+    "postprocess_mask2former",
+    "predictions_to_coco_results",
 ]
 
 logger = logging.getLogger(__name__)

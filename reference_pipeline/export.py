@@ -7,6 +7,7 @@ returns ``mask_logits (B, K, H/4, W/4)`` and ``class_logits (B, K, C+1)`` — wh
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +62,8 @@ def export_model(model: nn.Module, image_size: tuple[int, int], path: Path, *, o
     images = torch.rand(2, 3, *image_size)  # (B, 3, H, W)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape arithmetic traced as constants: fixed input size
         expected = wrapper(images)
         torch.onnx.export(
             wrapper, (images,), str(tmp), input_names=["images"], output_names=["mask_logits", "class_logits"],

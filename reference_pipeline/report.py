@@ -201,10 +201,10 @@ def write_report(cfg: PipelineConfig, results: Mapping[str, Mapping[str, float]]
     lines = [
         "# Three-stage distillation: demo report",
         "",
-        f"Dataset: `{cfg.data.format}` at `{cfg.data.root}`, images {cfg.data.image_size[0]}×{cfg.data.image_size[1]}; "
+        (f"Dataset: `{cfg.data.format}` at `{cfg.data.root}`, images {cfg.data.image_size[0]}×{cfg.data.image_size[1]}; "
         f"evaluated on {int(next(iter(results.values()))['images']) if results else 0} validation images. "
         f"Total wall time of this run: {total_time / 60:.1f} min on {torch.get_num_threads()} CPU thread(s) "
-        f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible).",
+        f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible)."),
         "",
         "Teacher: " + (
             "a **demo teacher** — a larger model of the student's architecture pretrained on the synthetic `source` "
@@ -238,8 +238,8 @@ def write_report(cfg: PipelineConfig, results: Mapping[str, Mapping[str, float]]
         lines += ["FNR and margin come from the library's own diagnostics (`ContrastOutput.stats`) during training.", "",
                   "![FNR, margin and contrastive loss](contrast_diagnostics.png)", ""]
     if has_overlays:
-        lines += ["Unlabeled images: ground truth (never used for training), the adapted teacher's pseudo-labels, "
-                  "and the refined student's predictions.", "", "![Overlays](overlays.png)", ""]
+        lines += [("Unlabeled images: ground truth (never used for training), the adapted teacher's pseudo-labels, "
+                  "and the refined student's predictions."), "", "![Overlays](overlays.png)", ""]
     lines += ["## Steps per stage", ""]
     for stage in ("teacher_pretrain", "teacher_finetune", "teacher_self_train", "distill", "refine", "baseline"):
         stage_cfg = getattr(cfg, stage)

@@ -67,6 +67,7 @@ from .pseudo_labels import pseudo_label, pseudo_label_quality
 __all__ = [
     "Datasets",
     "Objective",
+    "StageResult",
     "adapt_teacher",
     "build_contrast",
     "build_student",
@@ -74,8 +75,9 @@ __all__ = [
     "distill",
     "evaluate_stage",
     "load_datasets",
+    "load_stage_model",
     "make_pseudo_labels",
-    "pretrain_demo_teacher",
+    "pretrained_teacher",
     "refine",
     "supervised_baseline",
     "train_stage",
@@ -497,7 +499,6 @@ def _require(path: Path, produced_by: str) -> Path:
 
 def demo_teacher_cache(cfg: PipelineConfig) -> Path:
     """Folder of the pretrained demo teacher, beside the dataset, keyed by everything that shapes it."""
-    import dataclasses
     import hashlib
 
     from .config import config_to_dict
@@ -511,7 +512,6 @@ def demo_teacher_cache(cfg: PipelineConfig) -> Path:
         "seed": cfg.seed,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    del dataclasses
     return Path(cfg.data.root).parent / f"{Path(cfg.data.root).name}_demo_teacher" / digest
 
 

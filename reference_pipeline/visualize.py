@@ -30,8 +30,8 @@ __all__ = [
     "OverlayPanel",
     "instance_colors",
     "overlay_instances",
-    "panel_from_sample",
     "panel_from_predictions",
+    "panel_from_sample",
     "save_overlay_grid",
 ]
 

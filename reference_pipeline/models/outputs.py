@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-__all__ = ["SegmentationOutput", "InstanceTargets"]
+__all__ = ["InstanceTargets", "SegmentationOutput"]
 
 
 @dataclass

@@ -423,7 +423,7 @@ def select_boxes(boxes_cxcywh: Tensor, scores: Tensor, num_queries: int, thresho
     Returns:
         :class:`BoxSelection`.
     """
-    batch, detector_queries, num_classes = scores.shape
+    _batch, detector_queries, num_classes = scores.shape
     best = scores.detach().amax(dim=-1)  # (B, Q)
     kept = min(num_queries, detector_queries)
     top_scores, top_index = best.topk(kept, dim=1)  # (B, k) sorted, decreasing
