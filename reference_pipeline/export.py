@@ -64,6 +64,7 @@ def export_model(model: nn.Module, image_size: tuple[int, int], path: Path, *, o
     tmp = path.with_name(f".{path.name}.tmp")
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape arithmetic traced as constants: fixed input size
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter handles this model; dynamo needs onnxscript
         expected = wrapper(images)
         torch.onnx.export(
             wrapper, (images,), str(tmp), input_names=["images"], output_names=["mask_logits", "class_logits"],

@@ -83,7 +83,7 @@ def paper_order_checks(results: Mapping[str, Mapping[str, float]]) -> list[tuple
 
 def _plot_ap(results: Mapping[str, Mapping[str, float]], path: Path) -> None:
     names = [n for n in STAGE_LABELS if n in results]
-    figure = Figure(figsize=(8, 3.6), dpi=110)
+    figure = Figure(figsize=(9, 4.2), dpi=110, layout="constrained")
     FigureCanvasAgg(figure)
     axis = figure.add_subplot(1, 1, 1)
     x = np.arange(len(names))
@@ -93,7 +93,6 @@ def _plot_ap(results: Mapping[str, Mapping[str, float]], path: Path) -> None:
     axis.set_ylabel("% on target val")
     axis.legend(fontsize=8)
     axis.set_title("Mask AP per stage")
-    figure.tight_layout()
     figure.savefig(path)
 
 
@@ -101,12 +100,15 @@ def _plot_losses(run: Path, path: Path) -> None:
     stages = [s for s in TRAINED_STAGES if _train_records(read_metrics(run / s / "metrics.jsonl"))]
     if not stages:
         return
-    figure = Figure(figsize=(4.2 * len(stages), 3.4), dpi=100)
+    figure = Figure(figsize=(4.2 * len(stages), 3.6), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
     for index, stage in enumerate(stages):
         axis = figure.add_subplot(1, len(stages), index + 1)
         records = _train_records(read_metrics(run / stage / "metrics.jsonl"))
-        keys = sorted({k for r in records for k, v in r.items() if isinstance(v, (int, float)) and k not in _NON_LOSS_KEYS})
+        keys = sorted({  # the objective's terms; their sub-terms (``sup/loss_dice_3`` ...) stay in metrics.jsonl
+            k for r in records for k, v in r.items()
+            if isinstance(v, (int, float)) and k not in _NON_LOSS_KEYS and "/" not in k and k != "loss"
+        })
         for key in keys:
             points = [(r["step"], r[key]) for r in records if key in r]
             axis.plot([p[0] for p in points], [p[1] for p in points], label=key, linewidth=1.2)
@@ -114,8 +116,7 @@ def _plot_losses(run: Path, path: Path) -> None:
         axis.set_xlabel("step")
         axis.set_yscale("log")
         axis.legend(fontsize=6)
-    figure.suptitle("Loss terms during training (log scale)", fontsize=10)
-    figure.tight_layout()
+    figure.suptitle("Terms of J during training (unweighted, log scale)", fontsize=10)
     figure.savefig(path)
 
 
@@ -123,7 +124,7 @@ def _plot_contrast(run: Path, path: Path) -> bool:
     stages = [s for s in TRAINED_STAGES if any("fnr" in r for r in read_metrics(run / s / "metrics.jsonl"))]
     if not stages:
         return False
-    figure = Figure(figsize=(10, 3.4), dpi=100)
+    figure = Figure(figsize=(11, 3.6), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
     panels = [("fnr", "false-negative rate of sampled negatives"), ("margin", "empirical margin Δ = cos⁺ − cos⁻"),
               ("pxl", "pixel contrastive loss")]
@@ -139,7 +140,6 @@ def _plot_contrast(run: Path, path: Path) -> bool:
         axis.set_title(title, fontsize=9)
         axis.set_xlabel("step")
         axis.legend(fontsize=6)
-    figure.tight_layout()
     figure.savefig(path)
     return True
 

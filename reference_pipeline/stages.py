@@ -110,6 +110,9 @@ class Datasets:
 
 def _split(dataset: InstanceDataset, fraction: float, seed: int) -> tuple[InstanceDataset, InstanceDataset]:
     ids = [int(i) for i in dataset.image_ids]
+    if not ids:
+        where = getattr(dataset, "annotation_file", None) or getattr(dataset, "root", "the training set")
+        raise ValueError(f"the labeled split is empty: {where} holds no training images")
     labeled_ids = make_label_split(ids, fraction, seed=seed)
     chosen = set(labeled_ids)
     return SubsetDataset(dataset, labeled_ids), SubsetDataset(dataset, [i for i in ids if i not in chosen])

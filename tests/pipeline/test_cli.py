@@ -1,0 +1,149 @@
+"""The command line end to end at --quick size: demo, resume, evaluate, export, predict, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from reference_pipeline.cli import main
+
+STAGES = ("teacher_zero_shot", "teacher_finetune", "teacher_adapted", "student_distill", "student_refine",
+          "student_supervised")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Path]:
+    """One --quick demo (all stages, the report); returns the common arguments and the run dir."""
+    root = tmp_path_factory.mktemp("cli")
+    common = ["--quick", "--no-progress", "--set", f"data.root={root / 'data' / 'synthetic'}",
+              "--run-dir", str(root / "run"), "--set", "threads=1"]
+    assert main(["demo", *common]) == 0
+    return common, root / "run"
+
+
+def test_demo_runs_every_stage_and_writes_the_report(quick_run) -> None:
+    _, run = quick_run
+    results = json.loads((run / "evaluation.json").read_text())
+    assert set(results) == set(STAGES)
+    for metrics in results.values():
+        assert 0.0 <= metrics["AP"] <= 100.0 and metrics["parameters"] > 0 and metrics["latency_s"] > 0
+    assert results["teacher_adapted"]["parameters"] >= 4 * results["student_refine"]["parameters"]
+    report = (run / "report.md").read_text()
+    for label in ("zero-shot teacher", "adapted teacher", "distilled student", "refined student", "supervised-only"):
+        assert label in report
+    assert "not one" in report  # the demo teacher is named for what it is
+    for plot in ("ap_per_stage.png", "loss_curves.png", "contrast_diagnostics.png", "overlays.png"):
+        assert (run / plot).stat().st_size > 1000
+    distill_log = [json.loads(line) for line in (run / "student_distill" / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in distill_log if r["kind"] == "train"]
+    assert all("fnr" in r and "pxl" in r and "semi" in r for r in train_records)  # J's terms + the library's stats
+    assert (run / "pseudo_labels_adapted.json").is_file() and (run / "pseudo_labels_finetuned.json").is_file()
+
+
+def test_rerun_skips_finished_stages(quick_run) -> None:
+    common, run = quick_run
+    weights = run / "student_distill" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    metrics_before = (run / "student_distill" / "metrics.jsonl").read_text()
+    assert main(["distill", *common]) == 0
+    assert weights.stat().st_mtime_ns == before
+    assert (run / "student_distill" / "metrics.jsonl").read_text() == metrics_before
+
+
+def test_export_matches_pytorch(quick_run, tmp_path: Path, capsys) -> None:
+    common, _ = quick_run
+    out = tmp_path / "student.onnx"
+    assert main(["export", *common, "--out", str(out)]) == 0
+    assert out.stat().st_size > 0
+    printed = capsys.readouterr().out
+    diff = float(printed.split("max |onnx - torch| = ")[1].split(")")[0])
+    assert diff < 1e-3
+
+
+def test_predict_writes_results_and_overlays(quick_run, tmp_path: Path) -> None:
+    common, _ = quick_run
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(2):
+        Image.fromarray(np.random.default_rng(index).integers(0, 255, (48, 80, 3), dtype=np.uint8)).save(
+            images / f"img{index}.png"
+        )
+    out = tmp_path / "out"
+    assert main(["predict", str(images), "--out", str(out), *common]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert {r["image_id"] for r in results} <= {0, 1}
+    assert all(r["segmentation"]["size"] == [48, 80] for r in results)  # masks at each image's own size
+    assert (out / "img0_overlay.png").is_file() and (out / "img1_overlay.png").is_file()
+
+
+def test_corrupt_image_is_named_and_nothing_is_written(quick_run, tmp_path: Path, capsys) -> None:
+    common, _ = quick_run
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "broken.png").write_bytes(b"not a png")
+    assert main(["predict", str(images), "--out", str(tmp_path / "out"), *common]) == 2
+    assert "broken.png" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_typo_lists_valid_keys(capsys) -> None:
+    assert main(["distill", "--set", "distil.train.steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert "distil" in err and "Did you mean 'distill'" in err and "Traceback" not in err
+
+
+def test_missing_dataset_paths_are_named(tmp_path: Path, capsys) -> None:
+    missing = tmp_path / "nowhere" / "train.json"
+    code = main(["adapt-teacher", "--set", "data.format=coco", "--set", f"data.root={tmp_path}",
+                 "--set", f"data.train_annotations={missing}", "--set", f"data.val_annotations={missing}",
+                 "--run-dir", str(tmp_path / "run")])
+    assert code == 2
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_empty_labeled_split_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    annotations = tmp_path / "train.json"
+    (tmp_path / "images").mkdir()
+    annotations.write_text(json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "car"}]}))
+    code = main(["distill", "--set", "data.format=coco", "--set", f"data.root={tmp_path / 'images'}",
+                 "--set", f"data.train_annotations={annotations}", "--set", f"data.val_annotations={annotations}",
+                 "--run-dir", str(tmp_path / "run")])
+    assert code == 2
+    assert "labeled split is empty" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_model_is_refused(quick_run, tmp_path: Path, capsys) -> None:
+    common, run = quick_run
+    other = tmp_path / "run"
+    shutil.copytree(run / "student_refine", other / "student_refine")
+    code = main(["evaluate", *common, "--run-dir", str(other), "--stage", "student_refine",
+                 "--set", "student.hidden_dim=32"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors" in err and "different model" in err
+
+
+def test_unwritable_run_dir_is_a_clear_error(quick_run, tmp_path: Path, capsys) -> None:
+    common, _ = quick_run
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the run directory should be")
+    code = main(["refine", *common, "--run-dir", str(blocker / "run")])
+    assert code == 2
+    assert str(blocker) in capsys.readouterr().err
+    assert blocker.read_text().startswith("a file")
+
+
+def test_help_lists_every_command(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for command in ("demo", "adapt-teacher", "distill", "refine", "evaluate", "predict", "export",
+                    "compare-sampling", "ablate"):
+        assert command in text
+    assert os.environ.get("OMP_WAIT_POLICY", "PASSIVE")  # the CLI module sets no global state on import
