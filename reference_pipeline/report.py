@@ -39,7 +39,7 @@ STAGE_LABELS: dict[str, tuple[str, str]] = {
 TRAINED_STAGES = ("teacher_finetune", "teacher_adapted", "student_distill", "student_refine", "student_supervised")
 
 _NON_LOSS_KEYS = {"step", "lr", "lr_encoder", "lr_decoder", "data_time", "step_time", "images_per_s", "fnr", "margin",
-                  "acceptance", "fallbacks", "epoch", "time", "kind", "wall_time", "grad_norm"}
+                  "acceptance", "fallbacks", "epoch", "time", "kind", "wall_time", "grad_norm", "data_share"}
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
