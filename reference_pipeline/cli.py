@@ -224,8 +224,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .engine import cleanup_distributed, init_distributed
 
     try:
+        init_distributed()  # under torchrun: one process group for every stage of the command
         COMMANDS[args.command](args)
     except (ConfigError, FileNotFoundError, NotADirectoryError, PermissionError, CheckpointError, ValueError, OSError) as error:
         if getattr(args, "debug", False):
@@ -235,4 +237,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
+    finally:
+        cleanup_distributed()
     return 0

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from . import stages
+from .engine import distributed_info
 from .config import save_config
 from .pipeline_config import PipelineConfig
 from .report import write_report
@@ -35,12 +36,17 @@ def run_pipeline(cfg: PipelineConfig, *, resume: bool = True, progress: bool = T
         Per evaluated model: its metrics (AP, AP50, parameters, latency) plus ``wall_time`` of its stage.
     """
     run = cfg.run_path
-    run.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run / "config.yaml")
+    if distributed_info().is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run / "config.yaml")
     results_file = run / "evaluation.json"
     results: dict[str, dict[str, float]] = json.loads(results_file.read_text()) if resume and results_file.is_file() else {}
 
+    is_main = distributed_info().is_main
+
     def record(name: str, wall_time: float) -> None:
+        if not is_main:  # evaluation and the report are rank 0's job under torchrun
+            return
         if name not in results:
             metrics = stages.evaluate_stage(cfg, datasets, name, progress=progress)
             metrics["wall_time"] = wall_time
@@ -57,7 +63,7 @@ def run_pipeline(cfg: PipelineConfig, *, resume: bool = True, progress: bool = T
     _, pretrain_time = stages.pretrained_teacher(cfg, datasets, progress=progress)
     timings_file = run / "timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
-    if pretrain_time > 0:
+    if pretrain_time > 0 and is_main:
         timings["teacher_pretrain"] = pretrain_time
         timings_file.write_text(json.dumps(timings))
     record("teacher_zero_shot", float(timings.get("teacher_pretrain", 0.0)))
@@ -77,6 +83,8 @@ def run_demo(cfg: PipelineConfig, *, resume: bool = True, progress: bool = True)
     """Run :func:`run_pipeline` and write the report; returns the report's path."""
     start = time.perf_counter()
     results = run_pipeline(cfg, resume=resume, progress=progress)
+    if not distributed_info().is_main:
+        return cfg.run_path / "report.md"
     report = write_report(cfg, results, total_time=time.perf_counter() - start)
     logger.info("demo finished in %.1f s; report at %s", time.perf_counter() - start, report)
     return report

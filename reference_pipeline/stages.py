@@ -56,7 +56,7 @@ from .data.semi import (
 )
 from .data.structures import InstanceDataset
 from .data.synthetic import SyntheticConfig, generate_dataset, load_synthetic_split
-from .engine import train
+from .engine import _barrier, distributed_info, train
 from .inference import evaluate_model, predict_dataset
 from .losses import SetCriterion, pixel_contrast_term, unified_objective
 from .models.outputs import InstanceTargets, SegmentationOutput
@@ -399,10 +399,14 @@ def train_stage(
         param_groups=groups, evaluate_fn=evaluate_fn if train_config.eval_every > 0 else None,
         extra_state=extra_state, resume=resume, desc=name, progress=progress,
     )
-    save_weights(getattr(model, "module", model), final)
     logs = {k: float(v) for k, v in outcome.train_metrics.items() if isinstance(v, (int, float))}
     result = StageResult(name, final, float(outcome.wall_time), int(outcome.step), logs)
-    result_file.write_text(json.dumps({"wall_time": result.wall_time, "steps": result.steps, "final_logs": result.final_logs}))
+    info = distributed_info()
+    if info.is_main:  # one writer; the others wait so the next stage finds the weights
+        save_weights(getattr(model, "module", model), final)
+        _atomic_write_text(result_file, json.dumps({"wall_time": result.wall_time, "steps": result.steps,
+                                                    "final_logs": result.final_logs}))
+    _barrier(info)
     return result
 
 
@@ -421,6 +425,9 @@ def make_pseudo_labels(
     Also writes ``<path stem>_quality.json``: counts per image and, where the unlabeled images have
     ground truth (the synthetic dataset keeps it for diagnostics), the pseudo-labels' mask AP.
     """
+    info = distributed_info()
+    if not path.is_file() and not info.is_main:
+        _barrier(info)  # rank 0 labels the unlabeled split; the others read its file
     if path.is_file():
         return _read_pseudo(path)
     pseudo: dict[int, PseudoInstances] = {}
@@ -450,6 +457,7 @@ def make_pseudo_labels(
     logger.info("pseudo-labels %s: %s", path.name, quality)
     _write_pseudo(path, pseudo)
     _atomic_write_text(path.with_name(f"{path.stem}_quality.json"), json.dumps(quality, indent=2))
+    _barrier(info)
     return pseudo
 
 
