@@ -36,8 +36,8 @@ from .outputs import SegmentationOutput
 __all__ = [
     "ENCODERS",
     "NECKS",
-    "StudentConfig",
     "Student",
+    "StudentConfig",
     "count_parameters",
     "load_efficientnet_lite_weights",
 ]

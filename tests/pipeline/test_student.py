@@ -101,6 +101,31 @@ def test_images_are_normalised_with_the_encoder_statistics():
     torch.testing.assert_close(lite.pixel_mean.flatten(), torch.tensor([0.5, 0.5, 0.5]))
 
 
+@pytest.mark.parametrize("encoder", ["dinov2", "efficientnet_lite0"])
+def test_encoder_sees_normalised_images_and_zero_padding(encoder):
+    model = Student(tiny_config(encoder)).eval()
+    seen = []
+    model.encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    mean_colour = model.pixel_mean.expand(1, 3, 30, 45)  # (1, 3, 30, 45): normalises to exactly 0
+    with torch.no_grad():
+        model(mean_colour.clone())
+    divisor = model.encoder.size_divisor
+    assert seen[0].shape[-2:] == (math.ceil(30 / divisor) * divisor, math.ceil(45 / divisor) * divisor)
+    assert seen[0].abs().max() < 1e-6
+    with torch.no_grad():
+        model(torch.ones(1, 3, 30, 45))
+    white = (1 - model.pixel_mean) / model.pixel_std  # (1, 3, 1, 1)
+    torch.testing.assert_close(seen[1][..., :30, :45], white.expand(1, 3, 30, 45))
+    assert seen[1][..., 30:, :].abs().max() == 0 and seen[1][..., :, 45:].abs().max() == 0
+
+
+def test_dropout_does_not_skip_decoder_layers_in_training():
+    model = Student(tiny_config(dropout=0.5, decoder_layers=4)).train()
+    for _ in range(6):
+        out = model(torch.rand(1, 3, 28, 28))
+        assert len(out.aux_outputs) == 4
+
+
 @pytest.mark.parametrize("bad", [torch.rand(1, 1, 32, 32), torch.rand(3, 32, 32), torch.zeros(1, 3, 32, 32, dtype=torch.uint8)])
 def test_forward_rejects_non_rgb_float_images(bad):
     with pytest.raises(ValueError, match="images"):
