@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     DEFAULT_RESULTS_DIR,
     Step,
     Timing,
@@ -29,13 +29,13 @@ from benchmarks.common import (  # noqa: E402
     time_steps,
     write_report,
 )
-from reference_pipeline.models.demo import (  # noqa: E402
+from reference_pipeline.models.demo import (
     DEMO_STUDENT_NAME,
     DEMO_TEACHER_NAME,
     demo_student_config,
     demo_teacher_config,
 )
-from reference_pipeline.models.student import Student, count_parameters  # noqa: E402
+from reference_pipeline.models.student import Student, count_parameters
 
 NUM_CLASSES = 6  # the synthetic dataset's classes
 TARGETS_S = {"student": 0.25, "teacher": 0.7}
@@ -97,8 +97,10 @@ def main(argv: list[str] | None = None) -> None:
         [
             "# Demo models: parameters and fwd+bwd time",
             "",
-            f"Batch {args.batch}, {args.size}×{args.size}, median of {args.repeats} interleaved repeats after "
-            f"{args.warmup} warm-up; device {device}.",
+            (
+                f"Batch {args.batch}, {args.size}×{args.size}, median of {args.repeats} interleaved repeats after "
+                f"{args.warmup} warm-up; device {device}."
+            ),
             "",
             markdown_table(
                 ["model", "parameters", *[f"fwd+bwd, {t} thread(s)" for t in args.threads], "target"], rows

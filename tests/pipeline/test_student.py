@@ -307,3 +307,22 @@ def test_missing_weights_name_the_path_and_the_files_expected_there(tmp_path: Pa
 def test_imagenet_weights_only_exist_for_efficientnet_lite():
     with pytest.raises(ValueError, match="EfficientNet-Lite"):
         StudentConfig(num_classes=3, encoder="dinov2", encoder_weights="imagenet")
+
+
+def test_outputs_feed_transformers_mask2former_loss_with_deep_supervision():
+    from transformers import Mask2FormerConfig
+    from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
+
+    model = Student(tiny_config("efficientnet_lite0", "fpn"))
+    out = model(torch.rand(2, 3, 64, 64))
+    weights = {"loss_cross_entropy": 2.0, "loss_mask": 5.0, "loss_dice": 5.0}
+    criterion = Mask2FormerLoss(Mask2FormerConfig(num_labels=NUM_CLASSES, train_num_points=256), weights)
+    masks = [torch.rand(2, 64, 64).gt(0.5).float(), torch.rand(1, 64, 64).gt(0.5).float()]  # at input size
+    classes = [torch.tensor([0, 2]), torch.tensor([1])]
+    losses = criterion(out.mask_logits, out.class_logits, masks, classes, out.aux_outputs)
+    # One set of terms for the final prediction and one per auxiliary output.
+    assert {f"loss_mask_{i}" for i in range(TINY_HEAD["decoder_layers"])} <= set(losses)
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert model.class_head.weight.grad.abs().sum() > 0
