@@ -12,7 +12,10 @@ Writes ``benchmarks/results/bench_demo_models.{json,md}``.
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -53,6 +56,25 @@ def training_step(model: Student, images: torch.Tensor) -> Step:
     return Step(run)
 
 
+def cpu_seconds(steps: dict[str, Step], repeats: int, warmup: int) -> dict[str, float]:
+    """Median CPU time (``time.process_time``) per step with one thread, interleaved.
+
+    With one thread the process's CPU time hardly depends on how many other processes share the cores, so it
+    estimates the idle-machine single-thread wall time even when the wall clock is dominated by contention.
+    """
+    torch.set_num_threads(1)
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.process_time()
+            step()
+            seconds[name].append(time.process_time() - start)
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Measure and write the report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -79,10 +101,13 @@ def main(argv: list[str] | None = None) -> None:
     images = torch.rand(args.batch, 3, args.size, args.size, device=device)  # (B, 3, S, S)
     steps = {name: training_step(model, images) for name, model in models.items()}
 
+    load_before = os.getloadavg()
     timings: dict[int, dict[str, Timing | str]] = {}
     for threads in args.threads:
         torch.set_num_threads(threads)
         timings[threads] = time_steps(steps, repeats=args.repeats, warmup=args.warmup, device=device)
+
+    cpu = cpu_seconds(steps, repeats=args.repeats, warmup=1) if args.device == "cpu" else {}
 
     rows = []
     for name in models:
@@ -90,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         for threads in args.threads:
             result = timings[threads][name]
             row.append(format_seconds(result.median) if isinstance(result, Timing) else result)
+        row.append(format_seconds(cpu[name]) if cpu else "n/a")
         row.append(f"≲ {TARGETS_S[name]} s (2 threads)")
         rows.append(row)
     ratio = parameters["teacher"] / parameters["student"]
@@ -103,10 +129,19 @@ def main(argv: list[str] | None = None) -> None:
             ),
             "",
             markdown_table(
-                ["model", "parameters", *[f"fwd+bwd, {t} thread(s)" for t in args.threads], "target"], rows
+                [
+                    "model",
+                    "parameters",
+                    *[f"fwd+bwd wall, {t} thread(s)" for t in args.threads],
+                    "fwd+bwd CPU time, 1 thread",
+                    "target",
+                ], rows
             ),
             "",
-            f"Teacher / student parameters: {ratio:.2f}× (target ≥ 4×).",
+            (
+                f"Teacher / student parameters: {ratio:.2f}× (target ≥ 4×). Load average (1 min) before / after: "
+                f"{load_before[0]:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (shared with others)."
+            ),
             "",
             *[f"- {names[name]}" for name in models],
         ]
@@ -117,7 +152,10 @@ def main(argv: list[str] | None = None) -> None:
         "size": args.size,
         "parameters": parameters,
         "parameter_ratio": ratio,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
         "names": names,
+        "cpu_seconds_1_thread": cpu,
         "timings": {
             str(threads): {n: (r.as_dict() if isinstance(r, Timing) else r) for n, r in results.items()}
             for threads, results in timings.items()
