@@ -6,7 +6,7 @@ pretraining on the source domain, the three stages, a baseline and the evaluatio
 
 * **demo student** — EfficientNet-Lite0 + FPN neck (64 channels) + 3-layer Mask2Former-style decoder (hidden 64,
   32 queries): the paper's student architecture at demo size.
-* **demo teacher** — EfficientNet-Lite2 + FPN neck (256 channels) + 6-layer decoder (hidden 256): a stand-in
+* **demo teacher** — EfficientNet-Lite2 + FPN neck (128 channels) + 6-layer decoder (hidden 256): a stand-in
   for the foundation model, **not** Grounding-DINO/SAM2. It is pretrained on the ``source`` domain by the pipeline
   and has more than 4× the demo student's parameters, which is what the demo needs from a teacher: a stronger
   model whose knowledge is distilled into a compact one.
@@ -59,7 +59,7 @@ def demo_student_config(num_classes: int, **overrides: Any) -> StudentConfig:
 
 
 def demo_teacher_config(num_classes: int, **overrides: Any) -> StudentConfig:
-    """The demo teacher: ImageNet EfficientNet-Lite2 + FPN (256) + 6-layer decoder (hidden 256, 32 queries).
+    """The demo teacher: ImageNet EfficientNet-Lite2 + FPN (128) + 6-layer decoder (hidden 256, 32 queries).
 
     A stand-in for the foundation model (not Grounding-DINO/SAM2) with more than 4× the demo student's
     parameters; the pipeline pretrains it on the source domain.
@@ -69,19 +69,20 @@ def demo_teacher_config(num_classes: int, **overrides: Any) -> StudentConfig:
         **overrides: any :class:`StudentConfig` field.
 
     Returns:
-        The configuration (≈ 15M parameters).
+        The configuration (≈ 14.9M parameters, 4.4× the demo student).
     """
     fields: dict[str, Any] = {
         "encoder": "efficientnet_lite2",
         "encoder_weights": "imagenet",
         "neck": "fpn",
-        "neck_channels": 256,
+        # 128 neck channels: the stride-4 FPN convolution dominates the cost at 256 (+20 % time).
+        "neck_channels": 128,
         "hidden_dim": 256,
         "decoder_layers": 6,
         "num_queries": 32,
         "num_heads": 8,
-        "feedforward_dim": 1536,
-        "projection_hidden_dim": 256,
+        "feedforward_dim": 2048,
+        "projection_hidden_dim": 128,
         "embedding_dim": 32,
     }
     return StudentConfig(num_classes=num_classes, **{**fields, **overrides})

@@ -330,6 +330,7 @@ class _Encoder(nn.Module):
         # Stage names are ("stem", "stage1", …): block i (0-based) is stage i+1.
         out_features = [f"stage{i + 1}" for i in config.intermediate_layers]
         backbone_kwargs = {"out_features": out_features, "reshape_hidden_states": False, "apply_layernorm": True}
+        directory = None
         if config.encoder_weights is not None:
             directory = Path(config.encoder_weights)
             if not (directory / "config.json").is_file():
@@ -337,13 +338,17 @@ class _Encoder(nn.Module):
                     directory, "a directory with config.json and model.safetensors (Dinov2Model/Dinov2Backbone "
                     "save_pretrained output, e.g. a facebook/dinov2-small snapshot)"
                 )
-            self.model = Dinov2Backbone.from_pretrained(str(directory), **backbone_kwargs, **config.encoder_kwargs)
+            num_layers = Dinov2Config.from_pretrained(str(directory), **config.encoder_kwargs).num_hidden_layers
         else:
-            dinov2_config = Dinov2Config(**{**_DINOV2_SMALL, **config.encoder_kwargs, **backbone_kwargs})
-            self.model = Dinov2Backbone(dinov2_config)
-        num_layers = self.model.config.num_hidden_layers
+            num_layers = {**_DINOV2_SMALL, **config.encoder_kwargs}["num_hidden_layers"]
         if any(not 0 <= i < num_layers for i in config.intermediate_layers):
-            raise ValueError(f"intermediate_layers={config.intermediate_layers} must lie in [0, {num_layers})")
+            raise ValueError(
+                f"intermediate_layers={config.intermediate_layers} must lie in [0, {num_layers}) for this encoder"
+            )
+        if directory is not None:
+            self.model = Dinov2Backbone.from_pretrained(str(directory), **config.encoder_kwargs, **backbone_kwargs)
+        else:
+            self.model = Dinov2Backbone(Dinov2Config(**{**_DINOV2_SMALL, **config.encoder_kwargs, **backbone_kwargs}))
         self.patch_size: int = self.model.config.patch_size
         self.channels = [self.model.config.hidden_size] * 4
         self.size_divisor = math.lcm(self.patch_size, 4)
