@@ -46,7 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     DEFAULT_RESULTS_DIR,
     environment_info,
     format_seconds,
@@ -55,13 +55,13 @@ from benchmarks.common import (  # noqa: E402
     synchronize,
     write_report,
 )
-from reference_pipeline.models.teacher import (  # noqa: E402
+from reference_pipeline.models.teacher import (
     FoundationTeacher,
     TeacherConfig,
     grounding_dino_swin_large_config,
     sam2_hiera_large_config,
 )
-from reference_pipeline.models.tiny_configs import tiny_teacher_components, tiny_tokenizer  # noqa: E402
+from reference_pipeline.models.tiny_configs import tiny_teacher_components, tiny_tokenizer
 
 NAME = "bench_models"
 CITYSCAPES_CLASSES = ("person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
@@ -242,10 +242,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Teacher vs student: parameters, FLOPs, latency",
         "",
-        f"Device: {info['device']} ({info.get('device_name', '')}), torch {info['torch']}, "
-        f"{info['torch_threads']} threads. Random weights (cost does not depend on them); batch 1, inference "
-        "(no grad). FLOPs from `torch.utils.flop_counter` (matmuls, convolutions, attention). Latency: median "
-        "of the timed repeats after the FLOP-counting warm-up pass.",
+        (
+            f"Device: {info['device']} ({info.get('device_name', '')}), torch {info['torch']}, "
+            f"{info['torch_threads']} threads. Random weights (cost does not depend on them); batch 1, inference "
+            "(no grad). FLOPs from `torch.utils.flop_counter` (matmuls, convolutions, attention). Latency: median "
+            "of the timed repeats after the FLOP-counting warm-up pass."
+        ),
         "",
     ]
     headers = ["model", "parameters"]
@@ -279,8 +281,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"- {role}: {parts}")
     lines += [
         "",
-        f"Paper: teacher {_millions(int(PAPER['teacher_parameters']))} (Grounding-DINO Swin-L ≈ 342M + SAM2 "
-        f"Hiera-L ≈ 217–224M), student {_millions(int(PAPER['student_parameters']))}.",
+        (
+            f"Paper: teacher {_millions(int(PAPER['teacher_parameters']))} (Grounding-DINO Swin-L ≈ 342M + SAM2 "
+            f"Hiera-L ≈ 217–224M), student {_millions(int(PAPER['student_parameters']))}."
+        ),
     ]
     for note in report["notes"]:
         lines.append(f"\nNote: {note}")
@@ -356,8 +360,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     build_teacher, teacher_description = teacher_builder(args.smoke)
     build_student, student_description = student_builder(args.smoke)
     notes = [
-        "The teacher prompts SAM2 with all K=100 boxes (box_threshold=0) and SAM2 embeds a 1024×1024 resize of "
-        "every image; Grounding-DINO sees the input at its own size."
+        (
+            "The teacher prompts SAM2 with all K=100 boxes (box_threshold=0) and SAM2 embeds a 1024×1024 resize of "
+            "every image; Grounding-DINO sees the input at its own size."
+        )
     ]
     print(f"teacher: {teacher_description}", file=sys.stderr, flush=True)
     teacher = measure_model(build_teacher, sizes, device, repeats, args.budget)

@@ -132,7 +132,12 @@ _DETECTOR_CLASSES: dict[str, type[nn.Module]] = {
 }
 _DETECTOR_CONFIGS: dict[str, type] = {"grounding-dino": GroundingDinoConfig, "mm-grounding-dino": MMGroundingDinoConfig}
 
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 _DETECTOR_DIR, _SEGMENTER_DIR = "detector", "segmenter"
 _PROJECTION_FILE, _CONFIG_FILE = "projection_head.safetensors", "teacher_config.json"
@@ -225,7 +230,12 @@ def grounding_dino_swin_large_config(kind: DetectorKind = "grounding-dino") -> G
         The detector configuration (``GroundingDinoConfig`` or ``MMGroundingDinoConfig``).
     """
     swin = SwinConfig(
-        image_size=384, embed_dim=192, depths=[2, 2, 18, 2], num_heads=[6, 12, 24, 48], window_size=12, out_indices=[2, 3, 4]
+        image_size=384,
+        embed_dim=192,
+        depths=[2, 2, 18, 2],
+        num_heads=[6, 12, 24, 48],
+        window_size=12,
+        out_indices=[2, 3, 4],
     )
     return _DETECTOR_CONFIGS[kind](backbone_config=swin, text_config=BertConfig())
 
@@ -242,7 +252,9 @@ def sam2_hiera_large_config() -> Sam2Config:
         global_attention_blocks=[23, 33, 43],
         window_positional_embedding_background_size=[7, 7],
     )
-    return Sam2Config(vision_config=Sam2VisionConfig(backbone_config=hiera, backbone_channel_list=[1152, 576, 288, 144]))
+    return Sam2Config(
+        vision_config=Sam2VisionConfig(backbone_config=hiera, backbone_channel_list=[1152, 576, 288, 144])
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -423,7 +435,7 @@ def select_boxes(boxes_cxcywh: Tensor, scores: Tensor, num_queries: int, thresho
     Returns:
         :class:`BoxSelection`.
     """
-    batch, detector_queries, num_classes = scores.shape
+    _batch, detector_queries, num_classes = scores.shape
     best = scores.detach().amax(dim=-1)  # (B, Q)
     kept = min(num_queries, detector_queries)
     top_scores, top_index = best.topk(kept, dim=1)  # (B, k) sorted, decreasing
@@ -499,7 +511,9 @@ class FoundationTeacher(nn.Module):
         super().__init__()
         detector_class = _DETECTOR_CLASSES[config.detector_kind]
         if not isinstance(detector, detector_class):
-            raise TypeError(f"detector_kind {config.detector_kind!r} needs a {detector_class.__name__}, got {type(detector).__name__}")
+            raise TypeError(
+                f"detector_kind {config.detector_kind!r} needs a {detector_class.__name__}, got {type(detector).__name__}"
+            )
         if not isinstance(segmenter, Sam2Model):
             raise TypeError(f"segmenter must be a transformers Sam2Model, got {type(segmenter).__name__}")
         self.config = config
@@ -565,9 +579,17 @@ class FoundationTeacher(nn.Module):
             FileNotFoundError: naming the missing files and where to place them.
         """
         detector_class = _DETECTOR_CLASSES[config.detector_kind]
-        detector_files = ("config.json", "model.safetensors (or pytorch_model.bin, or shards + index)", "tokenizer.json + tokenizer_config.json (or vocab.txt)")
-        _check_weights_dir(config.detector_path, "Grounding-DINO detector", "detector_path", detector_files, tokenizer=True)
-        _check_weights_dir(config.segmenter_path, "SAM2 segmenter", "segmenter_path", detector_files[:2], tokenizer=False)
+        detector_files = (
+            "config.json",
+            "model.safetensors (or pytorch_model.bin, or shards + index)",
+            "tokenizer.json + tokenizer_config.json (or vocab.txt)",
+        )
+        _check_weights_dir(
+            config.detector_path, "Grounding-DINO detector", "detector_path", detector_files, tokenizer=True
+        )
+        _check_weights_dir(
+            config.segmenter_path, "SAM2 segmenter", "segmenter_path", detector_files[:2], tokenizer=False
+        )
         detector = _load_model(detector_class, config.detector_path, "Grounding-DINO detector", "detector_path")
         segmenter = _load_model(Sam2Model, config.segmenter_path, "SAM2 segmenter", "segmenter_path")
         tokenizer = load_tokenizer(config.detector_path)
@@ -799,7 +821,9 @@ class FoundationTeacher(nn.Module):
             ValueError: if ``images`` is not a float ``(B, 3, H, W)`` tensor.
         """
         if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
-            raise ValueError(f"images must be a float (B, 3, H, W) tensor in [0, 1], got {tuple(images.shape)} {images.dtype}")
+            raise ValueError(
+                f"images must be a float (B, 3, H, W) tensor in [0, 1], got {tuple(images.shape)} {images.dtype}"
+            )
         height, width = images.shape[-2:]
         grid = (math.ceil(height / 4), math.ceil(width / 4))
         boxes_cxcywh, scores = self.detect(images)  # (B, Q, 4), (B, Q, C)
@@ -869,4 +893,3 @@ def _load_model(model_class: type, path: str, what: str, option: str) -> nn.Modu
             f"{what} weights {path!r} are neither a local folder nor in the local hub cache ({error}); place the "
             f"checkpoint in a folder and set TeacherConfig.{option} to it"
         ) from error
-

@@ -169,7 +169,9 @@ def test_kept_boxes_prompt_sam2_in_its_input_pixels(monkeypatch) -> None:
     boxes[0, 5] = torch.tensor([0.5, 0.25, 0.5, 0.25])  # cx, cy, w, h
     monkeypatch.setattr(teacher.detector, "forward", fake_detector(teacher, {5: (3, 4.0)}, boxes))
     seen: list[torch.Tensor] = []
-    teacher.segmenter.prompt_encoder.register_forward_hook(lambda module, args, kwargs, out: seen.append(kwargs["input_boxes"]), with_kwargs=True)
+    teacher.segmenter.prompt_encoder.register_forward_hook(
+        lambda module, args, kwargs, out: seen.append(kwargs["input_boxes"]), with_kwargs=True
+    )
     teacher(torch.rand(1, 3, 48, 80))
     expected = torch.tensor([[[0.25, 0.125, 0.75, 0.375]]]) * SAM_SIZE  # (x0, y0, x1, y1) in SAM2 pixels
     torch.testing.assert_close(seen[0], expected)
@@ -179,7 +181,9 @@ def test_image_embeddings_are_computed_once_per_image_and_boxes_decoded_in_one_c
     teacher = make_teacher(box_threshold=0.0).eval()
     encoder_batches: list[int] = []
     decoder_prompts: list[tuple[int, ...]] = []
-    teacher.segmenter.vision_encoder.register_forward_hook(lambda m, args, out: encoder_batches.append(args[0].shape[0]))
+    teacher.segmenter.vision_encoder.register_forward_hook(
+        lambda m, args, out: encoder_batches.append(args[0].shape[0])
+    )
     teacher.segmenter.mask_decoder.register_forward_hook(
         lambda m, args, kwargs, out: decoder_prompts.append(tuple(kwargs["sparse_prompt_embeddings"].shape[:2])),
         with_kwargs=True,
@@ -225,7 +229,9 @@ def test_training_step_lowers_the_loss_and_only_configured_parts_change() -> Non
         if name not in trainable:
             assert not changed, name
     for prefix in ("detector.model.decoder", "segmenter.mask_decoder", "projection"):
-        assert any(not torch.equal(p.detach(), before[n]) for n, p in teacher.named_parameters() if n.startswith(prefix))
+        assert any(
+            not torch.equal(p.detach(), before[n]) for n, p in teacher.named_parameters() if n.startswith(prefix)
+        )
 
 
 def test_frozen_parts_stay_in_eval_mode() -> None:
@@ -291,7 +297,9 @@ def test_a_folder_with_only_vocab_txt_loads_with_the_bert_ids(tmp_path: Path) ->
 
 
 def test_missing_weights_give_a_message_saying_which_files_go_where(tmp_path: Path) -> None:
-    config = TeacherConfig(class_names=CLASSES, detector_path=str(tmp_path / "gdino"), segmenter_path=str(tmp_path / "sam2"))
+    config = TeacherConfig(
+        class_names=CLASSES, detector_path=str(tmp_path / "gdino"), segmenter_path=str(tmp_path / "sam2")
+    )
     with pytest.raises(FileNotFoundError) as error:
         FoundationTeacher.from_pretrained_dirs(config)
     message = str(error.value)
@@ -325,7 +333,9 @@ def test_image_embeddings_match_sam2s_own_get_image_embeddings() -> None:
     with torch.no_grad():
         teacher.segmenter.no_memory_embedding.normal_()  # zero at init: make the term visible
     images = torch.rand(2, 3, 48, 80)
-    pixels = F.interpolate((images - teacher.pixel_mean) / teacher.pixel_std, size=(SAM_SIZE, SAM_SIZE), mode="bilinear")
+    pixels = F.interpolate(
+        (images - teacher.pixel_mean) / teacher.pixel_std, size=(SAM_SIZE, SAM_SIZE), mode="bilinear"
+    )
     expected = teacher.segmenter.get_image_embeddings(pixels)
     with torch.no_grad():
         ours = teacher.image_embeddings(images)
