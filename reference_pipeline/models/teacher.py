@@ -139,6 +139,9 @@ _WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+#: What a weights folder must hold (for the missing-weights message).
+_SEGMENTER_LAYOUT = ("config.json", "model.safetensors (or pytorch_model.bin, or shards + index)")
+_DETECTOR_LAYOUT = (*_SEGMENTER_LAYOUT, "tokenizer.json + tokenizer_config.json (or only vocab.txt)")
 _DETECTOR_DIR, _SEGMENTER_DIR = "detector", "segmenter"
 _PROJECTION_FILE, _CONFIG_FILE = "projection_head.safetensors", "teacher_config.json"
 
@@ -579,16 +582,11 @@ class FoundationTeacher(nn.Module):
             FileNotFoundError: naming the missing files and where to place them.
         """
         detector_class = _DETECTOR_CLASSES[config.detector_kind]
-        detector_files = (
-            "config.json",
-            "model.safetensors (or pytorch_model.bin, or shards + index)",
-            "tokenizer.json + tokenizer_config.json (or vocab.txt)",
+        _check_weights_dir(
+            config.detector_path, "Grounding-DINO detector", "detector_path", _DETECTOR_LAYOUT, tokenizer=True
         )
         _check_weights_dir(
-            config.detector_path, "Grounding-DINO detector", "detector_path", detector_files, tokenizer=True
-        )
-        _check_weights_dir(
-            config.segmenter_path, "SAM2 segmenter", "segmenter_path", detector_files[:2], tokenizer=False
+            config.segmenter_path, "SAM2 segmenter", "segmenter_path", _SEGMENTER_LAYOUT, tokenizer=False
         )
         detector = _load_model(detector_class, config.detector_path, "Grounding-DINO detector", "detector_path")
         segmenter = _load_model(Sam2Model, config.segmenter_path, "SAM2 segmenter", "segmenter_path")

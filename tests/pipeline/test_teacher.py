@@ -342,3 +342,13 @@ def test_image_embeddings_match_sam2s_own_get_image_embeddings() -> None:
     assert [level.shape[-1] for level in ours] == [SAM_SIZE // 4, SAM_SIZE // 8, SAM_SIZE // 16]
     for level, reference in zip(ours, expected):
         torch.testing.assert_close(level, reference)
+
+
+@pytest.mark.parametrize("detach_boxes", [True, False])
+def test_mask_loss_reaches_the_box_head_only_when_boxes_are_not_detached(detach_boxes: bool) -> None:
+    teacher = make_teacher(box_threshold=0.0, detach_boxes=detach_boxes)
+    out = teacher(torch.rand(1, 3, 48, 80))
+    out.mask_logits.sigmoid().mean().backward()
+    box_head = teacher.detector.bbox_embed[-1].layers[-1].weight
+    reached = box_head.grad is not None and bool(box_head.grad.abs().sum() > 0)
+    assert reached is not detach_boxes
