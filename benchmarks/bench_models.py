@@ -89,7 +89,7 @@ def teacher_builder(smoke: bool) -> tuple[ModelBuilder, str]:
                 config, components.detector_config, components.segmenter_config, components.tokenizer
             )
 
-        return build_tiny, "tiny Grounding-DINO + tiny SAM2 (smoke)"
+        return build_tiny, "tiny Grounding-DINO + tiny SAM2 (64×64), K=10 boxes (smoke)"
     tokenizer = tiny_tokenizer([word for name in CITYSCAPES_CLASSES for word in name.split()])
 
     def build_full() -> nn.Module:
@@ -361,8 +361,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     build_student, student_description = student_builder(args.smoke)
     notes = [
         (
-            "The teacher prompts SAM2 with all K=100 boxes (box_threshold=0) and SAM2 embeds a 1024×1024 resize of "
-            "every image; Grounding-DINO sees the input at its own size."
+            "The teacher prompts SAM2 with all of its K boxes (box_threshold=0; K in the description) and SAM2 embeds "
+            "a square resize of every image (1024×1024 at full size); Grounding-DINO sees the input at its own size."
         )
     ]
     print(f"teacher: {teacher_description}", file=sys.stderr, flush=True)
