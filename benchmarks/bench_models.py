@@ -12,8 +12,10 @@ The paper distills a 568M-parameter fused ensemble (Grounding-DINO Swin-L ≈ 34
   FLOP-counting pass), with random weights: cost does not depend on the weights.
 
 The teacher runs with ``box_threshold=0`` so that all ``K = 100`` boxes prompt SAM2 (the worst case,
-and deterministic with random weights). SAM2 always embeds a 1024×1024 resize of the image, so the
-teacher's cost barely shrinks at the demo size. The text prompt is the eight Cityscapes instance
+and deterministic with random weights). As in the models' own processors, SAM2 embeds a 1024×1024
+resize of the image and Grounding-DINO sees it with the shorter side at 800 pixels (longer side at
+most 1333; its two-stage selection of 900 queries needs that many encoder tokens), so the teacher's
+cost barely shrinks at the demo size. The text prompt is the eight Cityscapes instance
 classes, tokenized with the tiny offline vocabulary (no BERT vocabulary can be downloaded; the ids
 of the special tokens are BERT's, and the prompt length, 18 tokens, is close to BERT's).
 
@@ -82,7 +84,13 @@ def teacher_builder(smoke: bool) -> tuple[ModelBuilder, str]:
     config = TeacherConfig(class_names=CITYSCAPES_CLASSES, box_threshold=0.0, num_queries=100)
     if smoke:
         components = tiny_teacher_components(CITYSCAPES_CLASSES)
-        config = TeacherConfig(class_names=CITYSCAPES_CLASSES, box_threshold=0.0, num_queries=10, embedding_dim=16)
+        config = TeacherConfig(
+            class_names=CITYSCAPES_CLASSES,
+            box_threshold=0.0,
+            num_queries=10,
+            embedding_dim=16,
+            detector_shortest_edge=None,
+        )
 
         def build_tiny() -> nn.Module:
             return FoundationTeacher.from_configs(
@@ -362,7 +370,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     notes = [
         (
             "The teacher prompts SAM2 with all of its K boxes (box_threshold=0; K in the description) and SAM2 embeds "
-            "a square resize of every image (1024×1024 at full size); Grounding-DINO sees the input at its own size."
+            "a square resize of every image (1024×1024 at full size); Grounding-DINO sees the image resized as its processor does (shorter side 800, longer side at most 1333) at full size, at its own size in smoke runs."
         )
     ]
     print(f"teacher: {teacher_description}", file=sys.stderr, flush=True)

@@ -88,6 +88,7 @@ __all__ = [
     "build_prompt",
     "check_tokenizer",
     "class_logits_from_phrase_scores",
+    "detector_input_size",
     "encode_prompt",
     "grounding_dino_swin_large_config",
     "load_tokenizer",
@@ -166,8 +167,12 @@ class TeacherConfig:
         trainable: the parts trained during adaptation, a subset of :data:`TEACHER_PARTS`.
         embedding_dim: ``D``, the width of the contrastive pixel embeddings.
         projection_hidden_dim: hidden width of the 2-layer projection head.
-        detector_shortest_edge: resize images so their shorter side has this many pixels before the
-            detector (aspect ratio kept; Grounding-DINO's processor uses 800); ``None`` feeds the input size.
+        detector_shortest_edge: resize images before the detector so that the shorter side has this many
+            pixels, unless the longer side would exceed ``detector_longest_edge`` (aspect ratio kept; the
+            defaults are Grounding-DINO's processor's, 800 / 1333); ``None`` feeds the input size. The
+            detector's two-stage query selection needs at least ``Q`` (900) encoder tokens, so small
+            images (the 128×128 demo size) must be enlarged.
+        detector_longest_edge: upper bound of the longer side after the resize (``None``: no bound).
         detach_boxes: stop the mask loss's gradient from flowing into the box head through SAM2's
             box prompts (box selection is discrete either way).
     """
@@ -181,7 +186,8 @@ class TeacherConfig:
     trainable: tuple[str, ...] = DEFAULT_TRAINABLE
     embedding_dim: int = 128
     projection_hidden_dim: int = 256
-    detector_shortest_edge: int | None = None
+    detector_shortest_edge: int | None = 800
+    detector_longest_edge: int | None = 1333
     detach_boxes: bool = True
 
     def __post_init__(self) -> None:
@@ -202,8 +208,10 @@ class TeacherConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.detector_shortest_edge is not None and self.detector_shortest_edge < 32:
-            raise ValueError(f"detector_shortest_edge must be None or at least 32, got {self.detector_shortest_edge}")
+        for name in ("detector_shortest_edge", "detector_longest_edge"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 32):
+                raise ValueError(f"{name} must be None or an int of at least 32, got {value!r}")
         unknown = sorted(set(self.trainable) - set(TEACHER_PARTS))
         if unknown:
             raise ValueError(f"unknown trainable parts {unknown}; valid parts: {TEACHER_PARTS}")
@@ -485,6 +493,33 @@ def class_logits_from_phrase_scores(scores: Tensor, valid: Tensor) -> Tensor:
     return probabilities.clamp_min(PROBABILITY_FLOOR).log()
 
 
+def detector_input_size(
+    height: int, width: int, shortest_edge: int | None, longest_edge: int | None
+) -> tuple[int, int]:
+    """The detector's input size: the shorter side scaled to ``shortest_edge``, the longer side capped.
+
+    .. math:: s = \\min\\Big(\frac{e_{\\min}}{\\min(H, W)}, \frac{e_{\\max}}{\\max(H, W)}\\Big),
+        \\qquad (H', W') = (\\mathrm{round}(sH), \\mathrm{round}(sW))
+
+    (the rule of Grounding-DINO's image processor). ``shortest_edge=None`` keeps the size.
+
+    Args:
+        height: ``H``.
+        width: ``W``.
+        shortest_edge: ``e_min`` or ``None``.
+        longest_edge: ``e_max`` or ``None`` (no cap).
+
+    Returns:
+        ``(H', W')``.
+    """
+    if shortest_edge is None:
+        return height, width
+    scale = shortest_edge / min(height, width)
+    if longest_edge is not None:
+        scale = min(scale, longest_edge / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 # --------------------------------------------------------------------------------------------------
 # The teacher module.
 # --------------------------------------------------------------------------------------------------
@@ -746,12 +781,20 @@ class FoundationTeacher(nn.Module):
             ``(boxes, phrase_scores)``.
         """
         pixels = self._normalize(images)  # (B, 3, H, W)
-        edge = self.config.detector_shortest_edge
-        if edge is not None:
-            height, width = images.shape[-2:]
-            scale = edge / min(height, width)
-            pixels = F.interpolate(
-                pixels, size=(round(height * scale), round(width * scale)), mode="bilinear", align_corners=False
+        height, width = images.shape[-2:]
+        size = detector_input_size(height, width, self.config.detector_shortest_edge, self.config.detector_longest_edge)
+        if size != (height, width):
+            pixels = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False)  # (B, 3, H', W')
+        detector_config = self.detector.config
+        proposals = sum(
+            math.ceil(size[0] / 2**level) * math.ceil(size[1] / 2**level)
+            for level in range(3, 3 + detector_config.num_feature_levels)
+        )  # encoder tokens at strides 8, 16, 32, 64
+        if detector_config.two_stage and proposals < detector_config.num_queries:
+            raise ValueError(
+                f"the detector input {size[0]}×{size[1]} gives {proposals} encoder tokens, fewer than the detector's "
+                f"{detector_config.num_queries} queries; enlarge it with TeacherConfig.detector_shortest_edge "
+                "(Grounding-DINO's processor uses 800)"
             )
         batch = images.shape[0]
         outputs = self.detector(

@@ -23,6 +23,7 @@ from reference_pipeline.models.teacher import (
     TeacherConfig,
     build_prompt,
     class_logits_from_phrase_scores,
+    detector_input_size,
     load_tokenizer,
     phrase_scores,
     select_boxes,
@@ -38,7 +39,9 @@ SAM_SIZE = 64
 def make_teacher(**overrides: object) -> FoundationTeacher:
     kind = overrides.get("detector_kind", "grounding-dino")
     components = tiny_teacher_components(CLASSES, kind=kind, segmenter_image_size=SAM_SIZE)  # type: ignore[arg-type]
-    config = TeacherConfig(class_names=CLASSES, **({"num_queries": 8, "embedding_dim": 16} | overrides))  # type: ignore[arg-type]
+    config = TeacherConfig(
+        class_names=CLASSES, **({"num_queries": 8, "embedding_dim": 16, "detector_shortest_edge": None} | overrides)
+    )  # type: ignore[arg-type]
     torch.manual_seed(0)
     return FoundationTeacher.from_configs(config, components.detector_config, components.segmenter_config,
                                           components.tokenizer)  # fmt: skip
@@ -352,3 +355,20 @@ def test_mask_loss_reaches_the_box_head_only_when_boxes_are_not_detached(detach_
     box_head = teacher.detector.bbox_embed[-1].layers[-1].weight
     reached = box_head.grad is not None and bool(box_head.grad.abs().sum() > 0)
     assert reached is not detach_boxes
+
+
+def test_detector_input_follows_the_processor_resize_rule() -> None:
+    assert detector_input_size(48, 80, 96, 128) == (77, 128)  # the longer side caps the scale at 1.6
+    assert detector_input_size(48, 80, 96, None) == (96, 160)
+    assert detector_input_size(48, 80, None, 128) == (48, 80)
+    teacher = make_teacher(detector_shortest_edge=96, detector_longest_edge=128).eval()
+    seen: list[tuple[int, ...]] = []
+    teacher.detector.model.backbone.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    teacher(torch.rand(1, 3, 48, 80))
+    assert seen == [(1, 3, 77, 128)]
+
+
+def test_too_small_detector_input_names_the_setting_to_change() -> None:
+    teacher = make_teacher().eval()  # 20 two-stage queries; 16×16 gives 4 + 1 + 1 + 1 encoder tokens
+    with pytest.raises(ValueError, match="detector_shortest_edge"):
+        teacher(torch.rand(1, 3, 16, 16))
