@@ -498,7 +498,8 @@ def detector_input_size(
 ) -> tuple[int, int]:
     """The detector's input size: the shorter side scaled to ``shortest_edge``, the longer side capped.
 
-    .. math:: s = \\min\\Big(\frac{e_{\\min}}{\\min(H, W)}, \frac{e_{\\max}}{\\max(H, W)}\\Big),
+    .. math::
+        s = \\min\\Big(\\frac{e_{\\min}}{\\min(H, W)}, \\frac{e_{\\max}}{\\max(H, W)}\\Big),
         \\qquad (H', W') = (\\mathrm{round}(sH), \\mathrm{round}(sW))
 
     (the rule of Grounding-DINO's image processor). ``shortest_edge=None`` keeps the size.
