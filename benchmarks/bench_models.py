@@ -12,8 +12,10 @@ The paper distills a 568M-parameter fused ensemble (Grounding-DINO Swin-L ≈ 34
   FLOP-counting pass), with random weights: cost does not depend on the weights.
 
 The teacher runs with ``box_threshold=0`` so that all ``K = 100`` boxes prompt SAM2 (the worst case,
-and deterministic with random weights). SAM2 always embeds a 1024×1024 resize of the image, so the
-teacher's cost barely shrinks at the demo size. The text prompt is the eight Cityscapes instance
+and deterministic with random weights). As in the models' own processors, SAM2 embeds a 1024×1024
+resize of the image and Grounding-DINO sees it with the shorter side at 800 pixels (longer side at
+most 1333; its two-stage selection of 900 queries needs that many encoder tokens), so the teacher's
+cost barely shrinks at the demo size. The text prompt is the eight Cityscapes instance
 classes, tokenized with the tiny offline vocabulary (no BERT vocabulary can be downloaded; the ids
 of the special tokens are BERT's, and the prompt length, 18 tokens, is close to BERT's).
 
@@ -46,7 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     DEFAULT_RESULTS_DIR,
     environment_info,
     format_seconds,
@@ -55,13 +57,13 @@ from benchmarks.common import (  # noqa: E402
     synchronize,
     write_report,
 )
-from reference_pipeline.models.teacher import (  # noqa: E402
+from reference_pipeline.models.teacher import (
     FoundationTeacher,
     TeacherConfig,
     grounding_dino_swin_large_config,
     sam2_hiera_large_config,
 )
-from reference_pipeline.models.tiny_configs import tiny_teacher_components, tiny_tokenizer  # noqa: E402
+from reference_pipeline.models.tiny_configs import tiny_teacher_components, tiny_tokenizer
 
 NAME = "bench_models"
 CITYSCAPES_CLASSES = ("person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
@@ -82,14 +84,20 @@ def teacher_builder(smoke: bool) -> tuple[ModelBuilder, str]:
     config = TeacherConfig(class_names=CITYSCAPES_CLASSES, box_threshold=0.0, num_queries=100)
     if smoke:
         components = tiny_teacher_components(CITYSCAPES_CLASSES)
-        config = TeacherConfig(class_names=CITYSCAPES_CLASSES, box_threshold=0.0, num_queries=10, embedding_dim=16)
+        config = TeacherConfig(
+            class_names=CITYSCAPES_CLASSES,
+            box_threshold=0.0,
+            num_queries=10,
+            embedding_dim=16,
+            detector_shortest_edge=None,
+        )
 
         def build_tiny() -> nn.Module:
             return FoundationTeacher.from_configs(
                 config, components.detector_config, components.segmenter_config, components.tokenizer
             )
 
-        return build_tiny, "tiny Grounding-DINO + tiny SAM2 (smoke)"
+        return build_tiny, "tiny Grounding-DINO + tiny SAM2 (64×64), K=10 boxes (smoke)"
     tokenizer = tiny_tokenizer([word for name in CITYSCAPES_CLASSES for word in name.split()])
 
     def build_full() -> nn.Module:
@@ -242,10 +250,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Teacher vs student: parameters, FLOPs, latency",
         "",
-        f"Device: {info['device']} ({info.get('device_name', '')}), torch {info['torch']}, "
-        f"{info['torch_threads']} threads. Random weights (cost does not depend on them); batch 1, inference "
-        "(no grad). FLOPs from `torch.utils.flop_counter` (matmuls, convolutions, attention). Latency: median "
-        "of the timed repeats after the FLOP-counting warm-up pass.",
+        (
+            f"Device: {info['device']} ({info.get('device_name', '')}), torch {info['torch']}, "
+            f"{info['torch_threads']} threads. Random weights (cost does not depend on them); batch 1, inference "
+            "(no grad). FLOPs from `torch.utils.flop_counter` (matmuls, convolutions, attention). Latency: median "
+            "of the timed repeats after the FLOP-counting warm-up pass."
+        ),
         "",
     ]
     headers = ["model", "parameters"]
@@ -279,8 +289,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"- {role}: {parts}")
     lines += [
         "",
-        f"Paper: teacher {_millions(int(PAPER['teacher_parameters']))} (Grounding-DINO Swin-L ≈ 342M + SAM2 "
-        f"Hiera-L ≈ 217–224M), student {_millions(int(PAPER['student_parameters']))}.",
+        (
+            f"Paper: teacher {_millions(int(PAPER['teacher_parameters']))} (Grounding-DINO Swin-L ≈ 342M + SAM2 "
+            f"Hiera-L ≈ 217–224M), student {_millions(int(PAPER['student_parameters']))}."
+        ),
     ]
     for note in report["notes"]:
         lines.append(f"\nNote: {note}")
@@ -356,8 +368,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     build_teacher, teacher_description = teacher_builder(args.smoke)
     build_student, student_description = student_builder(args.smoke)
     notes = [
-        "The teacher prompts SAM2 with all K=100 boxes (box_threshold=0) and SAM2 embeds a 1024×1024 resize of "
-        "every image; Grounding-DINO sees the input at its own size."
+        (
+            "The teacher prompts SAM2 with all of its K boxes (box_threshold=0; K in the description) and SAM2 embeds "
+            "a square resize of every image (1024×1024 at full size); Grounding-DINO sees the image resized as its processor does (shorter side 800, longer side at most 1333) at full size, at its own size in smoke runs."
+        )
     ]
     print(f"teacher: {teacher_description}", file=sys.stderr, flush=True)
     teacher = measure_model(build_teacher, sizes, device, repeats, args.budget)

@@ -88,6 +88,7 @@ __all__ = [
     "build_prompt",
     "check_tokenizer",
     "class_logits_from_phrase_scores",
+    "detector_input_size",
     "encode_prompt",
     "grounding_dino_swin_large_config",
     "load_tokenizer",
@@ -132,8 +133,16 @@ _DETECTOR_CLASSES: dict[str, type[nn.Module]] = {
 }
 _DETECTOR_CONFIGS: dict[str, type] = {"grounding-dino": GroundingDinoConfig, "mm-grounding-dino": MMGroundingDinoConfig}
 
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+#: What a weights folder must hold (for the missing-weights message).
+_SEGMENTER_LAYOUT = ("config.json", "model.safetensors (or pytorch_model.bin, or shards + index)")
+_DETECTOR_LAYOUT = (*_SEGMENTER_LAYOUT, "tokenizer.json + tokenizer_config.json (or only vocab.txt)")
 _DETECTOR_DIR, _SEGMENTER_DIR = "detector", "segmenter"
 _PROJECTION_FILE, _CONFIG_FILE = "projection_head.safetensors", "teacher_config.json"
 
@@ -158,8 +167,12 @@ class TeacherConfig:
         trainable: the parts trained during adaptation, a subset of :data:`TEACHER_PARTS`.
         embedding_dim: ``D``, the width of the contrastive pixel embeddings.
         projection_hidden_dim: hidden width of the 2-layer projection head.
-        detector_shortest_edge: resize images so their shorter side has this many pixels before the
-            detector (aspect ratio kept; Grounding-DINO's processor uses 800); ``None`` feeds the input size.
+        detector_shortest_edge: resize images before the detector so that the shorter side has this many
+            pixels, unless the longer side would exceed ``detector_longest_edge`` (aspect ratio kept; the
+            defaults are Grounding-DINO's processor's, 800 / 1333); ``None`` feeds the input size. The
+            detector's two-stage query selection needs at least ``Q`` (900) encoder tokens, so small
+            images (the 128×128 demo size) must be enlarged.
+        detector_longest_edge: upper bound of the longer side after the resize (``None``: no bound).
         detach_boxes: stop the mask loss's gradient from flowing into the box head through SAM2's
             box prompts (box selection is discrete either way).
     """
@@ -173,7 +186,8 @@ class TeacherConfig:
     trainable: tuple[str, ...] = DEFAULT_TRAINABLE
     embedding_dim: int = 128
     projection_hidden_dim: int = 256
-    detector_shortest_edge: int | None = None
+    detector_shortest_edge: int | None = 800
+    detector_longest_edge: int | None = 1333
     detach_boxes: bool = True
 
     def __post_init__(self) -> None:
@@ -194,8 +208,10 @@ class TeacherConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.detector_shortest_edge is not None and self.detector_shortest_edge < 32:
-            raise ValueError(f"detector_shortest_edge must be None or at least 32, got {self.detector_shortest_edge}")
+        for name in ("detector_shortest_edge", "detector_longest_edge"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 32):
+                raise ValueError(f"{name} must be None or an int of at least 32, got {value!r}")
         unknown = sorted(set(self.trainable) - set(TEACHER_PARTS))
         if unknown:
             raise ValueError(f"unknown trainable parts {unknown}; valid parts: {TEACHER_PARTS}")
@@ -225,7 +241,12 @@ def grounding_dino_swin_large_config(kind: DetectorKind = "grounding-dino") -> G
         The detector configuration (``GroundingDinoConfig`` or ``MMGroundingDinoConfig``).
     """
     swin = SwinConfig(
-        image_size=384, embed_dim=192, depths=[2, 2, 18, 2], num_heads=[6, 12, 24, 48], window_size=12, out_indices=[2, 3, 4]
+        image_size=384,
+        embed_dim=192,
+        depths=[2, 2, 18, 2],
+        num_heads=[6, 12, 24, 48],
+        window_size=12,
+        out_indices=[2, 3, 4],
     )
     return _DETECTOR_CONFIGS[kind](backbone_config=swin, text_config=BertConfig())
 
@@ -242,7 +263,9 @@ def sam2_hiera_large_config() -> Sam2Config:
         global_attention_blocks=[23, 33, 43],
         window_positional_embedding_background_size=[7, 7],
     )
-    return Sam2Config(vision_config=Sam2VisionConfig(backbone_config=hiera, backbone_channel_list=[1152, 576, 288, 144]))
+    return Sam2Config(
+        vision_config=Sam2VisionConfig(backbone_config=hiera, backbone_channel_list=[1152, 576, 288, 144])
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -470,6 +493,34 @@ def class_logits_from_phrase_scores(scores: Tensor, valid: Tensor) -> Tensor:
     return probabilities.clamp_min(PROBABILITY_FLOOR).log()
 
 
+def detector_input_size(
+    height: int, width: int, shortest_edge: int | None, longest_edge: int | None
+) -> tuple[int, int]:
+    """The detector's input size: the shorter side scaled to ``shortest_edge``, the longer side capped.
+
+    .. math::
+        s = \\min\\Big(\\frac{e_{\\min}}{\\min(H, W)}, \\frac{e_{\\max}}{\\max(H, W)}\\Big),
+        \\qquad (H', W') = (\\mathrm{round}(sH), \\mathrm{round}(sW))
+
+    (the rule of Grounding-DINO's image processor). ``shortest_edge=None`` keeps the size.
+
+    Args:
+        height: ``H``.
+        width: ``W``.
+        shortest_edge: ``e_min`` or ``None``.
+        longest_edge: ``e_max`` or ``None`` (no cap).
+
+    Returns:
+        ``(H', W')``.
+    """
+    if shortest_edge is None:
+        return height, width
+    scale = shortest_edge / min(height, width)
+    if longest_edge is not None:
+        scale = min(scale, longest_edge / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 # --------------------------------------------------------------------------------------------------
 # The teacher module.
 # --------------------------------------------------------------------------------------------------
@@ -499,7 +550,9 @@ class FoundationTeacher(nn.Module):
         super().__init__()
         detector_class = _DETECTOR_CLASSES[config.detector_kind]
         if not isinstance(detector, detector_class):
-            raise TypeError(f"detector_kind {config.detector_kind!r} needs a {detector_class.__name__}, got {type(detector).__name__}")
+            raise TypeError(
+                f"detector_kind {config.detector_kind!r} needs a {detector_class.__name__}, got {type(detector).__name__}"
+            )
         if not isinstance(segmenter, Sam2Model):
             raise TypeError(f"segmenter must be a transformers Sam2Model, got {type(segmenter).__name__}")
         self.config = config
@@ -565,9 +618,12 @@ class FoundationTeacher(nn.Module):
             FileNotFoundError: naming the missing files and where to place them.
         """
         detector_class = _DETECTOR_CLASSES[config.detector_kind]
-        detector_files = ("config.json", "model.safetensors (or pytorch_model.bin, or shards + index)", "tokenizer.json + tokenizer_config.json (or vocab.txt)")
-        _check_weights_dir(config.detector_path, "Grounding-DINO detector", "detector_path", detector_files, tokenizer=True)
-        _check_weights_dir(config.segmenter_path, "SAM2 segmenter", "segmenter_path", detector_files[:2], tokenizer=False)
+        _check_weights_dir(
+            config.detector_path, "Grounding-DINO detector", "detector_path", _DETECTOR_LAYOUT, tokenizer=True
+        )
+        _check_weights_dir(
+            config.segmenter_path, "SAM2 segmenter", "segmenter_path", _SEGMENTER_LAYOUT, tokenizer=False
+        )
         detector = _load_model(detector_class, config.detector_path, "Grounding-DINO detector", "detector_path")
         segmenter = _load_model(Sam2Model, config.segmenter_path, "SAM2 segmenter", "segmenter_path")
         tokenizer = load_tokenizer(config.detector_path)
@@ -726,12 +782,20 @@ class FoundationTeacher(nn.Module):
             ``(boxes, phrase_scores)``.
         """
         pixels = self._normalize(images)  # (B, 3, H, W)
-        edge = self.config.detector_shortest_edge
-        if edge is not None:
-            height, width = images.shape[-2:]
-            scale = edge / min(height, width)
-            pixels = F.interpolate(
-                pixels, size=(round(height * scale), round(width * scale)), mode="bilinear", align_corners=False
+        height, width = images.shape[-2:]
+        size = detector_input_size(height, width, self.config.detector_shortest_edge, self.config.detector_longest_edge)
+        if size != (height, width):
+            pixels = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False)  # (B, 3, H', W')
+        detector_config = self.detector.config
+        proposals = sum(
+            math.ceil(size[0] / 2**level) * math.ceil(size[1] / 2**level)
+            for level in range(3, 3 + detector_config.num_feature_levels)
+        )  # encoder tokens at strides 8, 16, 32, 64
+        if detector_config.two_stage and proposals < detector_config.num_queries:
+            raise ValueError(
+                f"the detector input {size[0]}×{size[1]} gives {proposals} encoder tokens, fewer than the detector's "
+                f"{detector_config.num_queries} queries; enlarge it with TeacherConfig.detector_shortest_edge "
+                "(Grounding-DINO's processor uses 800)"
             )
         batch = images.shape[0]
         outputs = self.detector(
@@ -799,7 +863,9 @@ class FoundationTeacher(nn.Module):
             ValueError: if ``images`` is not a float ``(B, 3, H, W)`` tensor.
         """
         if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
-            raise ValueError(f"images must be a float (B, 3, H, W) tensor in [0, 1], got {tuple(images.shape)} {images.dtype}")
+            raise ValueError(
+                f"images must be a float (B, 3, H, W) tensor in [0, 1], got {tuple(images.shape)} {images.dtype}"
+            )
         height, width = images.shape[-2:]
         grid = (math.ceil(height / 4), math.ceil(width / 4))
         boxes_cxcywh, scores = self.detect(images)  # (B, Q, 4), (B, Q, C)
@@ -869,4 +935,3 @@ def _load_model(model_class: type, path: str, what: str, option: str) -> nn.Modu
             f"{what} weights {path!r} are neither a local folder nor in the local hub cache ({error}); place the "
             f"checkpoint in a folder and set TeacherConfig.{option} to it"
         ) from error
-

@@ -23,6 +23,7 @@ from reference_pipeline.models.teacher import (
     TeacherConfig,
     build_prompt,
     class_logits_from_phrase_scores,
+    detector_input_size,
     load_tokenizer,
     phrase_scores,
     select_boxes,
@@ -38,7 +39,9 @@ SAM_SIZE = 64
 def make_teacher(**overrides: object) -> FoundationTeacher:
     kind = overrides.get("detector_kind", "grounding-dino")
     components = tiny_teacher_components(CLASSES, kind=kind, segmenter_image_size=SAM_SIZE)  # type: ignore[arg-type]
-    config = TeacherConfig(class_names=CLASSES, **({"num_queries": 8, "embedding_dim": 16} | overrides))  # type: ignore[arg-type]
+    config = TeacherConfig(
+        class_names=CLASSES, **({"num_queries": 8, "embedding_dim": 16, "detector_shortest_edge": None} | overrides)
+    )  # type: ignore[arg-type]
     torch.manual_seed(0)
     return FoundationTeacher.from_configs(config, components.detector_config, components.segmenter_config,
                                           components.tokenizer)  # fmt: skip
@@ -169,7 +172,9 @@ def test_kept_boxes_prompt_sam2_in_its_input_pixels(monkeypatch) -> None:
     boxes[0, 5] = torch.tensor([0.5, 0.25, 0.5, 0.25])  # cx, cy, w, h
     monkeypatch.setattr(teacher.detector, "forward", fake_detector(teacher, {5: (3, 4.0)}, boxes))
     seen: list[torch.Tensor] = []
-    teacher.segmenter.prompt_encoder.register_forward_hook(lambda module, args, kwargs, out: seen.append(kwargs["input_boxes"]), with_kwargs=True)
+    teacher.segmenter.prompt_encoder.register_forward_hook(
+        lambda module, args, kwargs, out: seen.append(kwargs["input_boxes"]), with_kwargs=True
+    )
     teacher(torch.rand(1, 3, 48, 80))
     expected = torch.tensor([[[0.25, 0.125, 0.75, 0.375]]]) * SAM_SIZE  # (x0, y0, x1, y1) in SAM2 pixels
     torch.testing.assert_close(seen[0], expected)
@@ -179,7 +184,9 @@ def test_image_embeddings_are_computed_once_per_image_and_boxes_decoded_in_one_c
     teacher = make_teacher(box_threshold=0.0).eval()
     encoder_batches: list[int] = []
     decoder_prompts: list[tuple[int, ...]] = []
-    teacher.segmenter.vision_encoder.register_forward_hook(lambda m, args, out: encoder_batches.append(args[0].shape[0]))
+    teacher.segmenter.vision_encoder.register_forward_hook(
+        lambda m, args, out: encoder_batches.append(args[0].shape[0])
+    )
     teacher.segmenter.mask_decoder.register_forward_hook(
         lambda m, args, kwargs, out: decoder_prompts.append(tuple(kwargs["sparse_prompt_embeddings"].shape[:2])),
         with_kwargs=True,
@@ -225,7 +232,9 @@ def test_training_step_lowers_the_loss_and_only_configured_parts_change() -> Non
         if name not in trainable:
             assert not changed, name
     for prefix in ("detector.model.decoder", "segmenter.mask_decoder", "projection"):
-        assert any(not torch.equal(p.detach(), before[n]) for n, p in teacher.named_parameters() if n.startswith(prefix))
+        assert any(
+            not torch.equal(p.detach(), before[n]) for n, p in teacher.named_parameters() if n.startswith(prefix)
+        )
 
 
 def test_frozen_parts_stay_in_eval_mode() -> None:
@@ -291,7 +300,9 @@ def test_a_folder_with_only_vocab_txt_loads_with_the_bert_ids(tmp_path: Path) ->
 
 
 def test_missing_weights_give_a_message_saying_which_files_go_where(tmp_path: Path) -> None:
-    config = TeacherConfig(class_names=CLASSES, detector_path=str(tmp_path / "gdino"), segmenter_path=str(tmp_path / "sam2"))
+    config = TeacherConfig(
+        class_names=CLASSES, detector_path=str(tmp_path / "gdino"), segmenter_path=str(tmp_path / "sam2")
+    )
     with pytest.raises(FileNotFoundError) as error:
         FoundationTeacher.from_pretrained_dirs(config)
     message = str(error.value)
@@ -325,10 +336,39 @@ def test_image_embeddings_match_sam2s_own_get_image_embeddings() -> None:
     with torch.no_grad():
         teacher.segmenter.no_memory_embedding.normal_()  # zero at init: make the term visible
     images = torch.rand(2, 3, 48, 80)
-    pixels = F.interpolate((images - teacher.pixel_mean) / teacher.pixel_std, size=(SAM_SIZE, SAM_SIZE), mode="bilinear")
+    pixels = F.interpolate(
+        (images - teacher.pixel_mean) / teacher.pixel_std, size=(SAM_SIZE, SAM_SIZE), mode="bilinear"
+    )
     expected = teacher.segmenter.get_image_embeddings(pixels)
     with torch.no_grad():
         ours = teacher.image_embeddings(images)
     assert [level.shape[-1] for level in ours] == [SAM_SIZE // 4, SAM_SIZE // 8, SAM_SIZE // 16]
     for level, reference in zip(ours, expected):
         torch.testing.assert_close(level, reference)
+
+
+@pytest.mark.parametrize("detach_boxes", [True, False])
+def test_mask_loss_reaches_the_box_head_only_when_boxes_are_not_detached(detach_boxes: bool) -> None:
+    teacher = make_teacher(box_threshold=0.0, detach_boxes=detach_boxes)
+    out = teacher(torch.rand(1, 3, 48, 80))
+    out.mask_logits.sigmoid().mean().backward()
+    box_head = teacher.detector.bbox_embed[-1].layers[-1].weight
+    reached = box_head.grad is not None and bool(box_head.grad.abs().sum() > 0)
+    assert reached is not detach_boxes
+
+
+def test_detector_input_follows_the_processor_resize_rule() -> None:
+    assert detector_input_size(48, 80, 96, 128) == (77, 128)  # the longer side caps the scale at 1.6
+    assert detector_input_size(48, 80, 96, None) == (96, 160)
+    assert detector_input_size(48, 80, None, 128) == (48, 80)
+    teacher = make_teacher(detector_shortest_edge=96, detector_longest_edge=128).eval()
+    seen: list[tuple[int, ...]] = []
+    teacher.detector.model.backbone.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    teacher(torch.rand(1, 3, 48, 80))
+    assert seen == [(1, 3, 77, 128)]
+
+
+def test_too_small_detector_input_names_the_setting_to_change() -> None:
+    teacher = make_teacher().eval()  # 20 two-stage queries; 16×16 gives 4 + 1 + 1 + 1 encoder tokens
+    with pytest.raises(ValueError, match="detector_shortest_edge"):
+        teacher(torch.rand(1, 3, 16, 16))
