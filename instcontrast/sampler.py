@@ -73,7 +73,8 @@ from .ops.chunked import accumulation_dtype
 __all__ = ["InstanceAwareSampler", "NegativeSamples", "CandidateBlocks"]
 
 _BLOCK_ELEMENTS = 1 << 20  # anchors × candidates scored at once (4 MiB of float32 scores: cache-friendly)
-_Z_SCORE = 2.0  # a round proposes for need + z·sqrt(need) acceptances: ~2 % of anchors need a second round
+_Z_SCORE = 1.0  # a round proposes for need + z·sqrt(need) acceptances
+_FIRST_ROUND_QUANTILE = 0.5  # the first round is sized for about this fraction of a block's rows (the rest finish in a small second round)
 _MIXTURE_WEIGHTS = (0.5, 0.2, 0.35, 0.65, 0.8, 0.9)  # λ tried per block (0.5 first: the bounds above)
 _EXPONENT = {"linear": 1.0, "squared": 2.0, "sqrt": 0.5}
 
@@ -409,22 +410,30 @@ class InstanceAwareSampler:
             envelope = _build_envelope(anchor_probs, pool_probs, self.score)
         return self._rejection_sample(envelope, anchor_pool_index, pool_size, generator)
 
-    def _block_plan(self, envelope: _Envelope | None, rows: Tensor, need: int) -> tuple[float, Tensor]:
+    def _block_plan(self, envelope: _Envelope | None, rows: Tensor) -> tuple[float, Tensor]:
         """The block's mixture weight ``λ`` and each row's expected acceptance ``ρ_p``, ``(c,)`` float64.
 
-        Tries each ``λ`` of :data:`_MIXTURE_WEIGHTS` and keeps the one whose largest round size
-        over the block's rows is smallest.
+        Tries each ``λ`` of :data:`_MIXTURE_WEIGHTS` and keeps the one whose first round (sized by
+        the acceptance at the block's :data:`_FIRST_ROUND_QUANTILE` quantile) is smallest, among
+        those that keep every row's acceptance at least ``min(1/4, what λ = 1/2 gives)`` — so the
+        bounds of the module documentation hold for every anchor.
         """
         if envelope is None:
             return 0.0, torch.full(rows.shape, self.uniform_acceptance, dtype=torch.float64, device=rows.device)
         mixtures = _MIXTURE_WEIGHTS if envelope.weight_total > 0 else (0.0,)
-        best: tuple[float, float, Tensor] | None = None
         score_sum = envelope.score_sum[rows]  # (c,)
+        best: tuple[float, float, Tensor] | None = None
+        floor = 0.0
         for mixture in mixtures:
             acceptance = (score_sum / envelope.envelope_constant(rows, mixture)).clamp(1e-6, 1.0)  # (c,)
-            size = float(_round_size(torch.tensor([float(need)]), acceptance.min().reshape(1).cpu())[0])
-            if best is None or size < best[1]:
-                best = (mixture, size, acceptance)
+            lowest = float(acceptance.min())
+            if best is None:  # λ = 1/2 (or the uniform proposal): always allowed
+                floor = min(0.25, lowest)
+            elif lowest < floor:
+                continue
+            typical = float(acceptance.quantile(1.0 - _FIRST_ROUND_QUANTILE)) if acceptance.numel() > 1 else lowest
+            if best is None or typical > best[1]:
+                best = (mixture, typical, acceptance)
         return best[0], best[2]
 
     def _accept(
@@ -457,7 +466,7 @@ class InstanceAwareSampler:
             column_scale = envelope.proposal_density(candidates, mixture).pow(-1.0 / envelope.exponent)  # (m,)
             columns = envelope.pool_rows[candidates] * column_scale.to(envelope.pool_rows.dtype)[:, None]  # (m, E+2)
             row_block = envelope.anchor_rows[rows] * row_scale[:, None]  # (c, E+2)
-            accept = torch.addmm(coins, row_block, columns.T) < 0  # (c, m): u^{1/k} < s (C_p h_q)^{-1/k}
+            accept = coins.addmm_(row_block, columns.T) < 0  # (c, m): u^{1/k} < s (C_p h_q)^{-1/k}
         # the anchor itself has s = 0: find candidates equal to one of these rows' own pool entry
         own_sorted, own_order = torch.sort(own)  # (c,)
         position = torch.searchsorted(own_sorted, candidates).clamp_(max=own.numel() - 1)  # (m,)
@@ -479,7 +488,7 @@ class InstanceAwareSampler:
             envelope.zero_pool if envelope is not None else torch.zeros(num_anchors, dtype=torch.bool, device=device)
         )  # (A,)
         # block height from the rows' typical round size (global λ = 1/2), so blocks have similar sizes
-        _, typical = self._block_plan(envelope, torch.arange(num_anchors, device=device), num_negatives)
+        _, typical = self._block_plan(envelope, torch.arange(num_anchors, device=device))
         typical = typical[~zero_pool] if bool((~zero_pool).any()) else typical
         first_size = float(_round_size(torch.tensor([float(num_negatives)]), typical.median().reshape(1).cpu())[0])
         first_size = min(first_size, self.max_proposals_per_slot * num_negatives)
@@ -493,7 +502,8 @@ class InstanceAwareSampler:
             size = stop - start
             own = anchor_pool_index[start:stop]  # (c,)
             block_zero = zero_pool[start:stop]  # (c,)
-            columns = torch.full((size, num_negatives + 1), -1, dtype=torch.long, device=device)  # (c, R + spare)
+            # column 0 takes rejections, column R + 1 acceptances beyond a row's need: both dropped
+            columns = torch.full((size, num_negatives + 2), -1, dtype=torch.long, device=device)  # (c, R + 2)
             filled = torch.zeros(size, dtype=torch.long, device=device)  # (c,)
             pending = (~block_zero).nonzero(as_tuple=True)[0]  # local rows sampled by rejection
             candidate_parts: list[Tensor] = []
@@ -501,7 +511,7 @@ class InstanceAwareSampler:
             offset = rounds = 0
             mixture, acceptance, row_scale = 0.0, None, None
             if pending.numel() > 0:
-                mixture, acceptance = self._block_plan(envelope, start + pending, num_negatives)  # (p,)
+                mixture, acceptance = self._block_plan(envelope, start + pending)  # (p,)
                 acceptance_of_row = torch.zeros(size, dtype=torch.float64, device=device)
                 acceptance_of_row[pending] = acceptance
                 min_acceptance = min(min_acceptance, float(acceptance.min()))
@@ -511,7 +521,9 @@ class InstanceAwareSampler:
             while pending.numel() > 0 and rounds < self.max_rounds:
                 rounds += 1
                 need = num_negatives - filled[pending]  # (p,)
-                wanted = _round_size(need, acceptance_of_row[pending]).max()
+                sizes = _round_size(need, acceptance_of_row[pending])  # (p,)
+                # first round: enough for most rows (the rest finish in a small second round); later: all
+                wanted = sizes.quantile(_FIRST_ROUND_QUANTILE) if rounds == 1 and sizes.numel() > 1 else sizes.max()
                 num_candidates = int(min(float(wanted), self.max_proposals_per_slot * int(need.max())))
                 if envelope is None:
                     candidates = torch.randint(0, pool_size, (num_candidates,), generator=generator, device=device)
@@ -522,13 +534,12 @@ class InstanceAwareSampler:
                     envelope, start + pending, own[pending], candidates, mixture,
                     None if row_scale is None else row_scale[pending], generator,
                 )  # (p, m)  # fmt: skip
-                # a row's k-th acceptance is its k-th draw: slot = already filled + rank - 1; acceptances
-                # beyond the row's need (and rejections) go to the spare column R, which is dropped
+                # a row's k-th acceptance is its k-th draw: slot = already filled + rank (1-based);
+                # rejections go to slot 0, acceptances beyond the row's need to slot R + 1
                 slot = accept.cumsum(dim=1)  # (p, m): 1-based rank of each acceptance in its row
                 counts = slot[:, -1].clone()  # (p,) acceptances per row
                 already = filled[pending]  # (p,)
-                slot.add_((already - 1)[:, None])
-                slot = torch.where(accept, slot, num_negatives).clamp_(max=num_negatives)  # (p, m)
+                slot.add_(already[:, None]).mul_(accept).clamp_(max=num_negatives + 1)  # (p, m)
                 values = torch.arange(offset, offset + num_candidates, device=device).expand_as(slot)
                 if whole_block:
                     columns.scatter_(1, slot, values)
@@ -541,7 +552,7 @@ class InstanceAwareSampler:
                 proposals += accept.numel()
                 accepted += int(counts.sum())
                 pending = pending[filled[pending] < num_negatives]
-            columns = columns[:, :num_negatives].contiguous()  # (c, R): drop the spare column
+            columns = columns[:, 1 : num_negatives + 1].contiguous()  # (c, R): drop the spare columns
             short_rows = (filled < num_negatives).nonzero(as_tuple=True)[0]  # zero-pool rows + rounds exhausted
             if short_rows.numel() > 0:  # uniform over the pool minus the anchor, counted
                 block_rows = columns[short_rows]  # (p, R)
