@@ -50,7 +50,7 @@ class ContrastStats:
         bank_candidates: how many of those came from the memory bank.
         acceptance: accepted / proposed pairs of this call's rejection sampler (a cost measure,
             about 0.3–0.8 whatever the confidence; ``uniform``: its thinning rate).
-        mean_score: exact mean debias score :math:`1 - \langle\hat y_p, c\rangle` over anchors
+        mean_score: exact mean debias score ``1 - <ŷ_p, c>`` over anchors
             (``c`` the pool mean); ``nan`` for ``strategy="uniform"``.
         fallbacks: negatives drawn by the uniform fallback (0 means the sample is exact).
         fallback_anchors: anchors with at least one fallback negative.
