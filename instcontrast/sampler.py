@@ -70,7 +70,7 @@ from ._checks import check_choice, check_positive
 from ._types import SCORES, STRATEGIES, CandidateBlocks
 from .ops.chunked import accumulation_dtype
 
-__all__ = ["InstanceAwareSampler", "NegativeSamples", "CandidateBlocks"]
+__all__ = ["CandidateBlocks", "InstanceAwareSampler", "NegativeSamples"]
 
 _BLOCK_ELEMENTS = 1 << 20  # anchors × candidates scored at once (4 MiB of float32 scores: cache-friendly)
 _Z_SCORE = 1.0  # a round proposes for need + z·sqrt(need) acceptances

@@ -118,11 +118,11 @@ def test_an_all_zero_pool_is_reported_and_other_anchors_stay_exact() -> None:
     same = torch.nn.functional.normalize(torch.ones(30, 4), dim=1)  # one instance everywhere
     other = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0, 0.0, 2.0]]), dim=1)
     anchors = torch.cat([same[:2], other])  # two anchors like the pool, one unlike it
-    out = InstanceAwareSampler(num_negatives=40)(anchors, same, torch.tensor([0, 1, -1]), generator=torch.Generator().manual_seed(0))
+    out = InstanceAwareSampler(num_negatives=300)(anchors, same, torch.tensor([0, 1, -1]), generator=torch.Generator().manual_seed(0))
     assert out.zero_pool_anchors == 2
-    assert out.fallbacks == 2 * 40 and out.fallback_anchors == 2
+    assert out.fallbacks == 2 * 300 and out.fallback_anchors == 2
     assert (out.index[:2] != torch.tensor([[0], [1]])).all()  # uniform minus itself
-    assert out.index[2].unique().numel() > 20  # uniform over an equal-score pool, by rejection
+    assert out.index[2].unique().numel() == 30  # uniform over an equal-score pool, by rejection
 
 
 def test_zero_pool_detection_ignores_norm_rounding_only() -> None:
