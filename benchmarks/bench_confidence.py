@@ -36,11 +36,11 @@ from typing import Any
 # this folder (for ``common``) and the repository root (the checkout's ``instcontrast``)
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
-import torch  # noqa: E402
+import common
+import torch
+from common import Shape, Step
 
-import common  # noqa: E402
-from common import Shape, Step  # noqa: E402
-from instcontrast import InstanceAwarePixelContrast  # noqa: E402
+from instcontrast import InstanceAwarePixelContrast
 
 NAME = "bench_confidence"
 SCALES = (0.03, 0.1, 0.3, 1.0, 5.0)
@@ -295,15 +295,17 @@ def render_markdown(payload: dict[str, Any], device: torch.device, repeats: int,
     ]
     lines = [
         common.run_header("Sampling cost against prediction confidence (fusion vs uniform)", shape, device, repeats, warmup),
-        "Step = `InstanceAwarePixelContrast` forward + backward (`chunked`), timed interleaved; logits "
-        "`scale · N(0,1)` or a randomly initialised `transformers` Mask2Former "
-        f"(mask-logit std across pixels {timing['mask2former']['mask_logit_std_across_pixels']:.3f}).",
+        (
+            "Step = `InstanceAwarePixelContrast` forward + backward (`chunked`), timed interleaved; logits "
+            "`scale · N(0,1)` or a randomly initialised `transformers` Mask2Former "
+            f"(mask-logit std across pixels {timing['mask2former']['mask_logit_std_across_pixels']:.3f})."
+        ),
         "",
         common.markdown_table(
             ["case", "fusion step", "uniform step", "fusion/uniform", "≤ 1.3", "≤ 1.5", "acceptance", "min ρ",
              "mean score", "proposals/negative", "rounds", "fallbacks", "zero-pool anchors"],
             rows,
-        ),  # fmt: skip
+        ),
         "",
     ]
     for title, key in (("Peak RSS, small case", "memory_small"), ("Peak RSS, paper scale", "memory_paper")):
@@ -324,8 +326,10 @@ def render_markdown(payload: dict[str, Any], device: torch.device, repeats: int,
         lines += [
             f"## {title}: {mem_shape.label()}",
             "",
-            "Fresh process per run, default glibc malloc. Peak RSS = the process's `VmHWM` (inputs, model "
-            "state and the step); above-step = `VmHWM` after the step minus `VmRSS` before it.",
+            (
+                "Fresh process per run, default glibc malloc. Peak RSS = the process's `VmHWM` (inputs, model "
+                "state and the step); above-step = `VmHWM` after the step minus `VmRSS` before it."
+            ),
             "",
             common.markdown_table(["bank", "scale", "runs", "peak RSS per run", "median above-step", "max fallbacks", "errors"], mem_rows),
             "",

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["STRATEGIES", "SCORES", "CandidateBlocks"]
+__all__ = ["SCORES", "STRATEGIES", "CandidateBlocks"]
 
 STRATEGIES = ("uniform", "mask", "class", "fusion")
 SCORES = ("linear", "squared", "sqrt")

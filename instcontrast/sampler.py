@@ -76,6 +76,7 @@ _BLOCK_ELEMENTS = 1 << 20  # anchors × candidates scored at once (4 MiB of floa
 _Z_SCORE = 1.0  # a round proposes for need + z·sqrt(need) acceptances
 _FIRST_ROUND_QUANTILE = 0.5  # the first round is sized for about this fraction of a block's rows (the rest finish in a small second round)
 _MIXTURE_WEIGHTS = (0.5, 0.2, 0.35, 0.65, 0.8, 0.9)  # λ tried per block (0.5 first: the bounds above)
+_SEGMENT_QUANTILES = torch.tensor([0.25, 0.5, 0.75, 0.9])  # where a round's candidates are cut for the loss
 _EXPONENT = {"linear": 1.0, "squared": 2.0, "sqrt": 0.5}
 
 
@@ -279,6 +280,30 @@ def _round_size(need: Tensor, acceptance: Tensor) -> Tensor:
     """Proposals for ``need`` acceptances at rate ``acceptance``, with a margin of ``z·sqrt(need)``."""
     need = need.to(torch.float64)
     return ((need + _Z_SCORE * need.sqrt() + 1.0) / acceptance).ceil()
+
+
+def _round_segments(
+    columns: Tensor, pending: Tensor, whole_block: bool, offset: int, count: int, num_negatives: int
+) -> list[tuple[Tensor | None, int, int]]:
+    """Segments of one round's candidates ``[offset, offset + count)``: each row up to the last one it uses.
+
+    A row stops using the round's candidates after its last accepted one, so the range is cut at
+    quantiles of the rows' last used position and each later piece lists only the rows that reach
+    it: the loss then scores about ``Σ_rows (last used + 1)`` pairs instead of ``rows × count``.
+    """
+    chosen = columns[:, 1 : num_negatives + 1] if whole_block else columns[pending, 1 : num_negatives + 1]  # (p, R)
+    last_used = chosen.amax(dim=1) - offset  # (p,) < 0: the row took nothing from this round
+    first_rows = None if whole_block else pending
+    if pending.numel() < 8:
+        return [(first_rows, offset, offset + count)]
+    cuts = sorted({int(q) + 1 for q in last_used.float().quantile(_SEGMENT_QUANTILES.to(last_used.device)).tolist() if 0 <= q < count - 1})
+    bounds = [0, *cuts, count]
+    segments: list[tuple[Tensor | None, int, int]] = [(first_rows, offset, offset + bounds[1])]
+    for lo, hi in zip(bounds[1:-1], bounds[2:]):
+        rows = pending[last_used >= lo]  # (p',) local rows that use a candidate at or after lo
+        if rows.numel() > 0:
+            segments.append((rows, offset + lo, offset + hi))
+    return segments
 
 
 class InstanceAwareSampler:
@@ -547,7 +572,7 @@ class InstanceAwareSampler:
                     columns[pending] = columns[pending].scatter_(1, slot, values)
                 filled[pending] = (already + counts).clamp_(max=num_negatives)
                 candidate_parts.append(candidates)
-                segments.append((None if whole_block else pending, offset, offset + num_candidates))
+                segments.extend(_round_segments(columns, pending, whole_block, offset, num_candidates, num_negatives))
                 offset += num_candidates
                 proposals += accept.numel()
                 accepted += int(counts.sum())
