@@ -29,9 +29,10 @@ class CandidateBlocks:
     ``c_b · R`` embedding rows.
 
     A block's candidate list is the concatenation of its proposal rounds. Later rounds serve only
-    the anchors still short, so ``segments[b]`` lists, per round, ``(rows, lo, hi)``: the block's
-    local rows that may point into ``candidates[b][lo:hi]`` (``None`` = every row). Scoring only
-    those (row, column) ranges gives the same values for every chosen column at less cost.
+    the anchors still short, and within a round a row stops at its last accepted candidate, so
+    ``segments[b]`` lists ``(rows, lo, hi)`` pieces: the block's local rows that may point into
+    ``candidates[b][lo:hi]`` (``None`` = every row). Scoring only those (row, column) ranges gives
+    the same values for every chosen column at less cost.
 
     Attributes:
         starts: first anchor of each block.
