@@ -8,19 +8,15 @@ temperature.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-if TYPE_CHECKING:
-    from .sampler import CandidateBlocks
-
 from ._amp import without_autocast
 from ._backend import Backend, resolve_backend
 from ._checks import check_choice, check_positive, check_predictions
+from ._types import SCORES, STRATEGIES, CandidateBlocks
 from .ops.chunked import accumulation_dtype, block_scores, default_block_size, sampled_logsumexp_blocked
 
 __all__ = [
@@ -36,8 +32,6 @@ __all__ = [
     "positive_similarity",
 ]
 
-STRATEGIES = ("uniform", "mask", "class", "fusion")
-SCORES = ("linear", "squared", "sqrt")
 REDUCTIONS = ("mean", "sum", "none")
 
 

@@ -48,9 +48,14 @@ class ContrastStats:
         num_anchors: anchors that contributed to the loss.
         pool_size: candidates negatives were drawn from (batch, other ranks, bank).
         bank_candidates: how many of those came from the memory bank.
-        acceptance: rejection-sampling acceptance rate (estimates the mean score).
+        acceptance: accepted / proposed pairs of this call's rejection sampler (a cost measure,
+            about 0.3–0.8 whatever the confidence; ``uniform``: its thinning rate).
+        mean_score: exact mean debias score ``1 - <ŷ_p, c>`` over anchors
+            (``c`` the pool mean); ``nan`` for ``strategy="uniform"``.
         fallbacks: negatives drawn by the uniform fallback (0 means the sample is exact).
         fallback_anchors: anchors with at least one fallback negative.
+        zero_pool_anchors: anchors whose whole pool scores 0 (every candidate looks like their own
+            instance); they get uniform negatives, counted in ``fallbacks``.
         rounds: proposal rounds the sampler ran.
         positive_cosine: mean cosine of positive pairs.
         negative_cosine: mean cosine of sampled negative pairs.
@@ -62,8 +67,10 @@ class ContrastStats:
     pool_size: int = 0
     bank_candidates: int = 0
     acceptance: float = 1.0
+    mean_score: float = float("nan")
     fallbacks: int = 0
     fallback_anchors: int = 0
+    zero_pool_anchors: int = 0
     rounds: int = 0
     positive_cosine: float = float("nan")
     negative_cosine: float = float("nan")
@@ -127,7 +134,7 @@ class InstanceAwarePixelContrast(nn.Module):
         gather_distributed: under ``torch.distributed``, draw negatives from every rank's pixels
             (autograd-aware all-gather when the strong branch is not detached).
         ignore_index: instance id skipped when computing the false-negative rate.
-        max_rounds: rejection-sampling rounds before the uniform fallback.
+        max_rounds: rejection-sampling rounds before the uniform fallback (rarely more than 2 are used).
         compute_stats: compute the margin/cosine diagnostics (one extra no-grad pass).
 
     Shape:
@@ -139,9 +146,10 @@ class InstanceAwarePixelContrast(nn.Module):
 
     Edge cases (documented, finite): fewer than two valid candidates, or no valid anchor,
     gives a zero loss that is still attached to the graph and ``stats.num_anchors == 0``.
-    ``R`` larger than the pool is fine (sampling is with replacement). A pool whose scores are
-    all zero (one instance everywhere) falls back to uniform sampling, counted in
-    ``stats.fallbacks``. NaN/Inf inputs raise ``ValueError``.
+    ``R`` larger than the pool is fine (sampling is with replacement). An anchor whose pool
+    scores are all zero (one instance everywhere) gets uniform negatives, counted in
+    ``stats.zero_pool_anchors`` and ``stats.fallbacks``. NaN/Inf inputs raise ``ValueError``.
+    float64 embeddings and logits stay float64.
 
     Example:
         >>> crit = InstanceAwarePixelContrast(num_negatives=8)
@@ -341,8 +349,10 @@ class InstanceAwarePixelContrast(nn.Module):
             pool_size=pool_size,
             bank_candidates=bank,
             acceptance=samples.acceptance_rate,
+            mean_score=samples.mean_score,
             fallbacks=samples.fallbacks,
             fallback_anchors=samples.fallback_anchors,
+            zero_pool_anchors=samples.zero_pool_anchors,
             rounds=samples.rounds,
         )
         if self.compute_stats:

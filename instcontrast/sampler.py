@@ -1,18 +1,58 @@
-r"""Instance-aware negative sampling: exact, linear in the pool, never builds the ``N×N`` matrix.
+r"""Instance-aware negative sampling: exact, linear in the pool, cost independent of confidence.
 
 For an anchor :math:`p` the target distribution over the candidate pool is
 
 .. math::
-    \Pr(q \mid p) = \frac{s(p, q)}{\sum_{q'} s(p, q')},\qquad s \in [0, 1].
+    \Pr(q \mid p) = \frac{s^k(p, q)}{\sum_{q'} s^k(p, q')},\qquad
+    s = 1 - \langle \hat y_p, \hat y_q\rangle \in [0, 1],\quad k \in \{1, 2, \tfrac12\}
 
-Because :math:`s \le 1`, rejection sampling is exact: propose :math:`q` uniformly, accept with
-probability :math:`s(p, q)`. The accepted proposals of an anchor, in order, are i.i.d. draws from
-the target. The sampler evaluates proposals in bulk: per block of anchors it draws one shared set
-of uniform candidates, scores the whole block against it with one matrix product, flips an
-independent coin per (anchor, candidate), and gives each anchor its first accepted candidates.
-Anchors still short go to another round with fresh candidates; after ``max_rounds`` rounds (or when
-an anchor's whole pool scores 0) the missing slots fall back to uniform over the pool minus the
-anchor itself, and their number is reported.
+(``"linear"``, ``"squared"``, ``"sqrt"``). The sampler never forms the ``A×M`` score matrix.
+
+**Envelope.** With :math:`c` the mean of the pool's vectors, :math:`u_p = \hat y_p - c` and
+:math:`d_q = \hat y_q - c`,
+
+.. math::
+    s(p, q) = \tfrac12\lVert u_p - d_q\rVert^2 + a_p + b_q
+    \le g_p(q) = \min\big(1,\ U_p + \delta_q\big),\qquad
+    a_p = \tfrac12(1 - \lVert\hat y_p\rVert^2),\ U_p = \lVert u_p\rVert^2 + a_p,\
+    \delta_q = \max\big(0, \lVert d_q\rVert^2 + b_q\big)
+
+(:math:`b_q` like :math:`a_p`; both vanish for unit vectors), since
+:math:`\tfrac12\lVert u - d\rVert^2 \le \lVert u\rVert^2 + \lVert d\rVert^2`.
+
+**Proposal.** Every anchor of a block of anchors proposes from one shared two-component mixture
+
+.. math::
+    h(q) = \frac{1 - \lambda}{M} + \lambda\,\frac{\delta_q^k}{\sum_{q'} \delta_{q'}^k},
+
+and accepts a proposal :math:`q` with probability :math:`s^k(p, q) / (C_p\, h(q))`, where
+:math:`C_p \ge \max_q g_p(q)^k / h(q)` is a one-variable maximum over
+:math:`\delta \in [\delta_{\min}, \delta_{\max}]` (closed form: the ratio is monotone, or for
+``k = 2`` unimodal with its peak at :math:`\delta^* = (1-\lambda)W/(\lambda M U_p)`), inflated by a
+small slack for the rounding of the matrix product. This is rejection sampling with a valid
+envelope, so each anchor's accepted proposals, in order, are i.i.d. draws from its target, and an
+anchor's expected acceptance is :math:`\rho_p = \sum_q s^k(p, q) / C_p`.
+
+**Acceptance bounds.** :math:`\sum_q d_q = 0` gives
+:math:`\sum_q s(p,q) = M(\tfrac12\lVert u_p\rVert^2 + a_p) + \sum_q(\tfrac12\lVert d_q\rVert^2 + b_q)`.
+For unit vectors and :math:`\lambda = \tfrac12`: ``linear`` :math:`\rho_p \in [\tfrac14, 1]`;
+``sqrt`` :math:`\rho_p \ge 1/(6\sqrt2) \approx 0.118`; ``squared`` :math:`\rho_p \ge 1/528` (a
+loose worst case; measured 0.24–0.66 per call). The bounds do not depend on how confident the
+predictions are: scaling every :math:`u, d` together scales :math:`s` and :math:`g` alike. Each
+block tries a few :math:`\lambda` (always including ``1/2``) and keeps the one that needs the
+fewest proposals for its anchors.
+
+**Rounds.** :math:`\sum_q s(p, q)` (and :math:`\sum_q s^2(p, q)`, from the pool's second moment) is
+known in closed form before drawing, so each anchor's :math:`\rho_p` is known (``sqrt``: a lower
+bound, :math:`\sum_q \sqrt{s} \ge \sum_q s / \sqrt{\max_q g_p(q)}`) and the first round of a block
+is sized for its median anchor; the anchors still short (about half, each missing a few
+negatives) finish in a second, much smaller round. Each round's candidate range is cut into pieces that list only the rows still using
+them (:class:`CandidateBlocks` segments), so the loss scores each row up to its last accepted
+candidate. An anchor whose pool scores are all zero (up to the rounding of the vectors' norms) — all
+candidates look like the same instance — is not sampled by rejection: it is reported
+(``zero_pool_anchors``) and gets uniform draws over the pool minus itself, counted as fallbacks.
+After ``max_rounds`` rounds, any missing slot also falls back to uniform (reported; with the sizes
+above this does not happen in practice).
 
 Within one anchor the ``R`` negatives are exactly i.i.d. from the target. Anchors of one block
 share proposals, so negatives of *different* anchors are not independent of each other; this does
@@ -21,6 +61,7 @@ not change any anchor's distribution, hence not the expected loss.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -29,59 +70,17 @@ from torch import Tensor
 
 from ._amp import autocast_off
 from ._checks import check_choice, check_positive
-from .functional import SCORES, STRATEGIES
+from ._types import SCORES, STRATEGIES, CandidateBlocks
+from .ops.chunked import accumulation_dtype
 
-__all__ = ["InstanceAwareSampler", "NegativeSamples", "CandidateBlocks"]
+__all__ = ["CandidateBlocks", "InstanceAwareSampler", "NegativeSamples"]
 
-_SAFETY = 1.25  # proposals per missing slot, relative to 1 / acceptance
 _BLOCK_ELEMENTS = 1 << 20  # anchors × candidates scored at once (4 MiB of float32 scores: cache-friendly)
-
-
-@dataclass(frozen=True)
-class CandidateBlocks:
-    """Negatives stored per block of anchors as columns into a shared candidate list.
-
-    Anchors ``[starts[b], starts[b] + columns[b].shape[0])`` draw their negatives from
-    ``candidates[b]`` (pool indices, ``(m_b,)``); ``columns[b]`` (``(c_b, R)``) holds each anchor's
-    chosen positions in that list. This is how the sampler produces them, and it lets the
-    ``chunked`` backend score a whole block with one matrix product instead of gathering
-    ``c_b · R`` embedding rows.
-
-    A block's candidate list is the concatenation of its proposal rounds. Later rounds serve only
-    the anchors still short, so ``segments[b]`` lists, per round, ``(rows, lo, hi)``: the block's
-    local rows that may point into ``candidates[b][lo:hi]`` (``None`` = every row). Scoring only
-    those (row, column) ranges gives the same values for every chosen column at less cost.
-
-    Attributes:
-        starts: first anchor of each block.
-        candidates: per block, the candidate pool indices.
-        columns: per block, each anchor's negatives as positions in ``candidates[b]``.
-        num_negatives: ``R``.
-        segments: per block, the ``(rows, lo, hi)`` ranges above; empty = one segment covering all.
-    """
-
-    starts: tuple[int, ...]
-    candidates: tuple[Tensor, ...]
-    columns: tuple[Tensor, ...]
-    num_negatives: int = 0
-    segments: tuple[tuple[tuple[Tensor | None, int, int], ...], ...] = ()
-
-    def block_segments(self, block: int) -> tuple[tuple[Tensor | None, int, int], ...]:
-        """The ``(rows, lo, hi)`` segments of one block."""
-        if self.segments:
-            return self.segments[block]
-        return ((None, 0, self.candidates[block].numel()),)
-
-    @property
-    def num_anchors(self) -> int:
-        """``A``, the rows of all blocks together."""
-        return sum(cols.shape[0] for cols in self.columns)
-
-    def to_index(self) -> Tensor:
-        """The negatives as pool indices, ``(A, R)``."""
-        if not self.columns:
-            return torch.empty(0, self.num_negatives, dtype=torch.long)
-        return torch.cat([cand[cols] for cand, cols in zip(self.candidates, self.columns)], dim=0)
+_Z_SCORE = 1.0  # a round proposes for need + z·sqrt(need) acceptances
+_FIRST_ROUND_QUANTILE = 0.5  # the first round is sized for about this fraction of a block's rows (the rest finish in a small second round)
+_MIXTURE_WEIGHTS = (0.5, 0.2, 0.35, 0.65, 0.8, 0.9)  # λ tried per block (0.5 first: the bounds above)
+_SEGMENT_QUANTILES = torch.tensor([0.25, 0.5, 0.75, 0.9])  # where a round's candidates are cut for the loss
+_EXPONENT = {"linear": 1.0, "squared": 2.0, "sqrt": 0.5}
 
 
 @dataclass(frozen=True)
@@ -90,11 +89,19 @@ class NegativeSamples:
 
     Attributes:
         blocks: the negatives in block form (:class:`CandidateBlocks`), what the loss consumes.
-        proposals: candidates scored in total.
-        accepted: proposals accepted; ``accepted / proposals`` estimates the mean score.
-        fallbacks: slots filled by the uniform fallback (0 for an exact sample).
+        proposals: candidates scored in total (anchor × candidate pairs).
+        accepted: proposals accepted (``accepted / proposals`` is the acceptance rate of this call).
+        fallbacks: slots filled by the uniform fallback (0 for an exact sample; zero-pool anchors
+            count ``R`` each).
         fallback_anchors: anchors with at least one fallback slot.
         rounds: proposal rounds run (the most any block needed).
+        zero_pool_anchors: anchors whose pool scores are all zero (every candidate looks like the
+            anchor's own instance); sampled uniformly, included in ``fallbacks``.
+        mean_score: exact mean linear debias score over anchors and pool,
+            :math:`\\frac1A\\sum_p (1 - \\langle\\hat y_p, c\\rangle)` with ``c`` the pool mean (for
+            unit vectors); ``nan`` for ``"uniform"``.
+        min_expected_acceptance: the smallest per-anchor expected acceptance
+            :math:`\\rho_p` among anchors sampled by rejection (a lower bound for ``"sqrt"``).
     """
 
     blocks: CandidateBlocks
@@ -103,6 +110,9 @@ class NegativeSamples:
     fallbacks: int = 0
     fallback_anchors: int = 0
     rounds: int = 0
+    zero_pool_anchors: int = 0
+    mean_score: float = float("nan")
+    min_expected_acceptance: float = float("nan")
 
     @property
     def index(self) -> Tensor:
@@ -119,6 +129,146 @@ class NegativeSamples:
         return self.accepted / self.proposals if self.proposals else 1.0
 
 
+@dataclass(frozen=True)
+class _Envelope:
+    """Everything the rejection rounds of one call need, computed once from pool sums.
+
+    Attributes:
+        exponent: ``k`` of the score variant.
+        anchor_rows: ``[u_p, 1, -α_p]`` per anchor, ``(A, E+2)`` (work dtype), ``α_p = ½‖u_p‖² + a_p``.
+        pool_rows: ``[d_q, -β_q, 1]`` per candidate, ``(M, E+2)``, ``β_q = ½‖d_q‖² + b_q``: the dot
+            product of the two is ``-s(p, q)``.
+        bound_offset: ``U_p`` per anchor, ``(A,)`` float64.
+        spread: ``δ_q`` per candidate, ``(M,)`` float64.
+        weight_cdf: cumulative sum of ``δ_q^k``, ``(M,)`` float64 (the mixture's second component).
+        score_sum: exact ``Σ_q s^k(p, q)`` per anchor (``sqrt``: a lower bound), ``(A,)`` float64.
+        zero_pool: anchors whose scores are all zero up to rounding, ``(A,)`` bool.
+        mean_score: exact mean linear score over anchors and pool.
+        slack: relative inflation of ``C_p`` covering the rounding of the matrix product.
+    """
+
+    exponent: float
+    anchor_rows: Tensor
+    pool_rows: Tensor
+    bound_offset: Tensor
+    spread: Tensor
+    weight_cdf: Tensor
+    score_sum: Tensor
+    zero_pool: Tensor
+    mean_score: float
+    slack: float
+
+    @property
+    def pool_size(self) -> int:
+        return self.pool_rows.shape[0]
+
+    @property
+    def weight_total(self) -> float:
+        return float(self.weight_cdf[-1])
+
+    def envelope_constant(self, rows: Tensor, mixture: float) -> Tensor:
+        r"""``C_p = (1 + slack)·max_{δ ∈ [δ_min, δ_max]} min(1, U_p + δ)^k / h(δ)`` for ``rows``, ``(c,)`` float64."""
+        k, pool_size = self.exponent, self.pool_size
+        uniform_part = (1.0 - mixture) / pool_size
+        weighted_part = mixture / self.weight_total if mixture > 0 else 0.0
+        bound = self.bound_offset[rows]  # (c,)
+        low, high = float(self.spread.min()), float(self.spread.max())
+        points = [
+            torch.full_like(bound, low),
+            torch.full_like(bound, high),
+            (1.0 - bound).clamp(low, high),  # where the cap min(1, ·) starts
+        ]
+        if k == 2.0 and weighted_part > 0:  # peak of (U + δ)² / (a + bδ²) at δ = a / (b U)
+            points.append((uniform_part / (weighted_part * bound.clamp_min(1e-300))).clamp(low, high))
+        spread = torch.stack(points, dim=1)  # (c, P)
+        ratio = (bound[:, None] + spread).clamp(max=1.0).pow(k) / (uniform_part + weighted_part * spread.pow(k))
+        return ratio.amax(dim=1) * (1.0 + self.slack)  # (c,)
+
+    def proposal_density(self, candidates: Tensor, mixture: float) -> Tensor:
+        """``h(q)`` of the mixture at ``candidates``, ``(m,)`` float64."""
+        uniform_part = (1.0 - mixture) / self.pool_size
+        if mixture == 0:
+            return torch.full(candidates.shape, uniform_part, dtype=torch.float64, device=candidates.device)
+        weights = self.spread[candidates].pow(self.exponent)  # (m,)
+        return uniform_part + mixture * weights / self.weight_total
+
+    def propose(self, count: int, mixture: float, generator: torch.Generator | None) -> Tensor:
+        """``count`` i.i.d. draws from the mixture ``h``, ``(count,)`` int64 pool indices."""
+        device = self.pool_rows.device
+        uniform = torch.randint(0, self.pool_size, (count,), generator=generator, device=device)  # (m,)
+        if mixture == 0:
+            return uniform
+        from_weights = torch.rand(count, generator=generator, device=device) < mixture  # (m,)
+        levels = torch.rand(count, generator=generator, device=device, dtype=torch.float64) * self.weight_total
+        weighted = torch.searchsorted(self.weight_cdf, levels, right=True).clamp_(max=self.pool_size - 1)  # (m,)
+        return torch.where(from_weights, weighted, uniform)
+
+
+def _build_envelope(anchor_probs: Tensor, pool_probs: Tensor, score: str) -> _Envelope:
+    """Pool sums, per-row constants and exact score sums for the fusion/mask/class strategies."""
+    work = accumulation_dtype(anchor_probs.dtype, pool_probs.dtype)
+    wide = torch.float64
+    anchors = anchor_probs.to(work)  # (A, E)
+    pool = pool_probs.to(work)  # (M, E)
+    pool_size = pool.shape[0]
+    center = pool.sum(dim=0, dtype=wide) / pool_size  # (E,) float64
+    centered_anchors = anchors - center.to(work)  # (A, E): u_p
+    centered_pool = pool - center.to(work)  # (M, E): d_q
+    anchor_norm = (anchors * anchors).sum(dim=1, dtype=wide)  # (A,) ‖ŷ_p‖²
+    pool_norm = (pool * pool).sum(dim=1, dtype=wide)  # (M,)
+    anchor_excess = 0.5 * (1.0 - anchor_norm)  # (A,) a_p
+    pool_excess = 0.5 * (1.0 - pool_norm)  # (M,) b_q
+    anchor_sq = (centered_anchors * centered_anchors).sum(dim=1, dtype=wide)  # (A,) ‖u_p‖²
+    pool_sq = (centered_pool * centered_pool).sum(dim=1, dtype=wide)  # (M,) ‖d_q‖²
+    alpha = 0.5 * anchor_sq + anchor_excess  # (A,)
+    beta = 0.5 * pool_sq + pool_excess  # (M,)
+    bound_offset = (anchor_sq + anchor_excess).clamp_min(0.0)  # (A,) U_p
+    spread = (pool_sq + pool_excess).clamp_min(0.0)  # (M,) δ_q
+
+    pool_center_sum = centered_pool.sum(dim=0, dtype=wide)  # (E,) Σ d_q (≈ 0)
+    cross = centered_anchors.to(wide) @ pool_center_sum  # (A,) ⟨u_p, Σ d_q⟩
+    linear_sum = pool_size * alpha + beta.sum() - cross  # (A,) Σ_q s(p, q), exact identity
+    # scores indistinguishable from the rounding of the norms (and of u, d) count as zero
+    noise = pool_size * anchor_excess.abs() + pool_excess.abs().sum() + pool_size * 8 * torch.finfo(work).eps
+    zero_pool = linear_sum <= noise  # (A,)
+
+    exponent = _EXPONENT[score]
+    if score == "linear":
+        score_sum = linear_sum
+    elif score == "squared":
+        wide_pool = centered_pool.to(wide)  # (M, E)
+        second_moment = wide_pool.T @ wide_pool  # (E, E) Σ d dᵀ
+        weighted_center = beta @ wide_pool  # (E,) Σ β_q d_q
+        wide_anchors = centered_anchors.to(wide)  # (A, E)
+        quadratic = ((wide_anchors @ second_moment) * wide_anchors).sum(dim=1)  # (A,) uᵀ(Σ d dᵀ)u
+        score_sum = (
+            pool_size * alpha.square() + 2 * alpha * beta.sum() + beta.square().sum()
+            - 2 * alpha * cross - 2 * (wide_anchors @ weighted_center) + quadratic
+        ).clamp_min(0.0)  # (A,) Σ_q s²(p, q)
+    else:  # sqrt: Σ √s ≥ Σ s / √(max s), max s ≤ min(1, U_p + δ_max)
+        score_sum = linear_sum.clamp_min(0.0) / (bound_offset + spread.max()).clamp(max=1.0).clamp_min(1e-300).sqrt()
+
+    ones_a = torch.ones(anchors.shape[0], 1, dtype=work, device=anchors.device)
+    ones_m = torch.ones(pool_size, 1, dtype=work, device=pool.device)
+    anchor_rows = torch.cat([centered_anchors, ones_a, -alpha.to(work)[:, None]], dim=1)  # (A, E+2)
+    pool_rows = torch.cat([centered_pool, -beta.to(work)[:, None], ones_m], dim=1)  # (M, E+2)
+    weight_cdf = spread.pow(exponent).cumsum(dim=0)  # (M,)
+    eps = torch.finfo(work).eps
+    slack = 64 * eps * anchors.shape[1] if work == torch.float32 else 1e-9
+    return _Envelope(
+        exponent=exponent,
+        anchor_rows=anchor_rows,
+        pool_rows=pool_rows,
+        bound_offset=bound_offset,
+        spread=spread,
+        weight_cdf=weight_cdf,
+        score_sum=score_sum,
+        zero_pool=zero_pool,
+        mean_score=float(linear_sum.mean() / pool_size) if anchors.shape[0] else float("nan"),
+        slack=float(slack),
+    )
+
+
 def _uniform_excluding(anchor_pool_index: Tensor, pool_size: int, shape: tuple[int, int], generator: torch.Generator | None) -> Tensor:
     """Uniform draws over ``range(pool_size)`` (``>= 2``) minus each row's own index (if in the pool)."""
     device = anchor_pool_index.device
@@ -129,8 +279,40 @@ def _uniform_excluding(anchor_pool_index: Tensor, pool_size: int, shape: tuple[i
     return torch.where(own >= 0, shifted, full)
 
 
+def _round_size(need: Tensor, acceptance: Tensor) -> Tensor:
+    """Proposals for ``need`` acceptances at rate ``acceptance``, with a margin of ``z·sqrt(need)``."""
+    need = need.to(torch.float64)
+    return ((need + _Z_SCORE * need.sqrt() + 1.0) / acceptance).ceil()
+
+
+def _round_segments(
+    columns: Tensor, pending: Tensor, whole_block: bool, offset: int, count: int, num_negatives: int
+) -> list[tuple[Tensor | None, int, int]]:
+    """Segments of one round's candidates ``[offset, offset + count)``: each row up to the last one it uses.
+
+    A row stops using the round's candidates after its last accepted one, so the range is cut at
+    quantiles of the rows' last used position and each later piece lists only the rows that reach
+    it: the loss then scores about ``Σ_rows (last used + 1)`` pairs instead of ``rows × count``.
+    """
+    chosen = columns[:, 1 : num_negatives + 1] if whole_block else columns[pending, 1 : num_negatives + 1]  # (p, R)
+    last_used = chosen.amax(dim=1) - offset  # (p,) < 0: the row took nothing from this round
+    first_rows = None if whole_block else pending
+    if pending.numel() < 8:
+        return [(first_rows, offset, offset + count)]
+    cuts = sorted({int(q) + 1 for q in last_used.float().quantile(_SEGMENT_QUANTILES.to(last_used.device)).tolist() if 0 <= q < count - 1})
+    bounds = [0, *cuts, count]
+    segments: list[tuple[Tensor | None, int, int]] = [(first_rows, offset, offset + bounds[1])]
+    for lo, hi in itertools.pairwise(bounds[1:]):
+        rows = pending[last_used >= lo]  # (p',) local rows that use a candidate at or after lo
+        if rows.numel() > 0:
+            segments.append((rows, offset + lo, offset + hi))
+    return segments
+
+
 class InstanceAwareSampler:
     r"""Draw ``R`` negatives per anchor with probability proportional to the debias score.
+
+    See the module documentation for the proposal, the envelope and the acceptance bounds.
 
     Args:
         num_negatives: negatives per anchor ``R`` (drawn with replacement, so ``R`` may exceed
@@ -139,12 +321,17 @@ class InstanceAwareSampler:
             except the anchor itself).
         score: ``"linear"`` (:math:`s`), ``"squared"`` (:math:`s^2`) or ``"sqrt"`` (:math:`\sqrt s`).
         max_rounds: proposal rounds before the uniform fallback.
-        max_proposals_per_slot: cap on candidates scored per missing slot in one round (bounds the
-            work when acceptance is tiny).
+        max_proposals_per_slot: cap on candidates proposed per missing slot in one round. The
+            default never binds; ``1`` forces several rounds (useful to exercise the multi-round
+            path in tests).
         uniform_acceptance: for ``"uniform"``, the constant acceptance probability. Uniform sampling
             runs through the same blocked proposals (thinning an i.i.d. uniform sequence with
             independent coins keeps it i.i.d. uniform), so that both strategies produce the same
             block structure and cost the same in the loss.
+
+    Raises:
+        ValueError: on a non-positive count, an unknown strategy or score, or
+            ``uniform_acceptance`` outside ``(0, 1]``.
 
     Example:
         >>> sampler = InstanceAwareSampler(num_negatives=4)
@@ -160,7 +347,7 @@ class InstanceAwareSampler:
         strategy: str = "fusion",
         score: str = "linear",
         max_rounds: int = 8,
-        max_proposals_per_slot: int = 32,
+        max_proposals_per_slot: int = 64,
         uniform_acceptance: float = 0.5,
     ) -> None:
         check_positive("num_negatives", num_negatives, integer=True)
@@ -193,7 +380,8 @@ class InstanceAwareSampler:
         """Sample negatives.
 
         Args:
-            anchor_probs: fused probability vectors of the anchors (unused for ``"uniform"``).
+            anchor_probs: fused probability vectors of the anchors (unused for ``"uniform"``);
+                any float dtype (float64 is kept, half precision is computed in float32).
             pool_probs: fused probability vectors of the pool (unused for ``"uniform"``).
             anchor_pool_index: each anchor's own row in the pool, or ``-1`` if it is not in it;
                 that row is never sampled for that anchor.
@@ -209,6 +397,7 @@ class InstanceAwareSampler:
 
         Raises:
             ValueError: on mismatched shapes or a pool with fewer than 2 candidates.
+            TypeError: on non-floating probability vectors.
         """
         with autocast_off(anchor_pool_index):
             return self._sample(anchor_probs, pool_probs, anchor_pool_index, pool_size, generator)
@@ -231,6 +420,7 @@ class InstanceAwareSampler:
             pool_size = pool_probs.shape[0]
         if pool_size < 2:
             raise ValueError(f"the candidate pool needs at least 2 entries to sample negatives, got {pool_size}")
+        envelope = None
         if self.strategy != "uniform":
             if anchor_probs is None or pool_probs is None:
                 raise ValueError(f"strategy={self.strategy!r} needs anchor_probs (A, E) and pool_probs (M, E)")
@@ -242,34 +432,69 @@ class InstanceAwareSampler:
                 raise ValueError(
                     f"pool_probs must have shape (M, E) = ({pool_size}, {anchor_probs.shape[1]}), got {tuple(pool_probs.shape)}"
                 )
-        return self._rejection_sample(anchor_probs, pool_probs, anchor_pool_index, pool_size, generator)
+            for name, probs in (("anchor_probs", anchor_probs), ("pool_probs", pool_probs)):
+                if not probs.is_floating_point():
+                    raise TypeError(f"{name} must be a floating-point tensor, got {probs.dtype}")
+            envelope = _build_envelope(anchor_probs, pool_probs, self.score)
+        return self._rejection_sample(envelope, anchor_pool_index, pool_size, generator)
+
+    def _block_plan(self, envelope: _Envelope | None, rows: Tensor) -> tuple[float, Tensor]:
+        """The block's mixture weight ``λ`` and each row's expected acceptance ``ρ_p``, ``(c,)`` float64.
+
+        Tries each ``λ`` of :data:`_MIXTURE_WEIGHTS` and keeps the one whose first round (sized by
+        the acceptance at the block's :data:`_FIRST_ROUND_QUANTILE` quantile) is smallest, among
+        those that keep every row's acceptance at least ``min(1/4, what λ = 1/2 gives)`` — so the
+        bounds of the module documentation hold for every anchor.
+        """
+        if envelope is None:
+            return 0.0, torch.full(rows.shape, self.uniform_acceptance, dtype=torch.float64, device=rows.device)
+        mixtures = _MIXTURE_WEIGHTS if envelope.weight_total > 0 else (0.0,)
+        score_sum = envelope.score_sum[rows]  # (c,)
+        best: tuple[float, float, Tensor] | None = None
+        floor = 0.0
+        for mixture in mixtures:
+            acceptance = (score_sum / envelope.envelope_constant(rows, mixture)).clamp(1e-6, 1.0)  # (c,)
+            lowest = float(acceptance.min())
+            if best is None:  # λ = 1/2 (or the uniform proposal): always allowed
+                floor = min(0.25, lowest)
+            elif lowest < floor:
+                continue
+            typical = float(acceptance.quantile(1.0 - _FIRST_ROUND_QUANTILE)) if acceptance.numel() > 1 else lowest
+            if best is None or typical > best[1]:
+                best = (mixture, typical, acceptance)
+        return best[0], best[2]
 
     def _accept(
         self,
-        row_probs: Tensor | None,
-        pool_probs: Tensor | None,
+        envelope: _Envelope | None,
+        rows: Tensor,
         own: Tensor,
         candidates: Tensor,
+        mixture: float,
+        row_scale: Tensor | None,
         generator: torch.Generator | None,
     ) -> Tensor:
-        r"""One coin per (anchor row, candidate): ``True`` with probability ``s(row, candidate)``, ``(c, m)``.
+        r"""One coin per (anchor row, candidate), ``(c, m)`` bool: ``True`` with probability ``s^k / (C_p h(q))``.
 
-        With a uniform coin :math:`u`, :math:`u < g(1 - \langle\hat y_p, \hat y_q\rangle)` is tested as
-        :math:`\langle\hat y_p, \hat y_q\rangle + g^{-1}(u) < 1`, so the score matrix is never
-        transformed: :math:`g^{-1}(u) = u` (linear), :math:`\sqrt u` (squared), :math:`u^2` (sqrt).
+        With a uniform coin :math:`u`, :math:`u < s^k / (C_p h_q)` is tested as
+        :math:`u^{1/k} - s\,(C_p h_q)^{-1/k} < 0` (both sides non-negative), and
+        :math:`-s\,(C_p h_q)^{-1/k}` is one matrix product of ``[u_p, 1, -α_p]·C_p^{-1/k}`` with
+        ``[d_q, -β_q, 1]·h_q^{-1/k}``, added onto the transformed coins.
         """
         device = own.device
         shape = (own.numel(), candidates.numel())
-        coins = torch.rand(shape, generator=generator, device=device)  # (c, m)
-        if self.strategy == "uniform":
-            accept = coins < self.uniform_acceptance
+        if envelope is None:
+            accept = torch.rand(shape, generator=generator, device=device) < self.uniform_acceptance  # (c, m)
         else:
-            if self.score == "squared":
+            coins = torch.rand(shape, generator=generator, device=device, dtype=envelope.pool_rows.dtype)  # (c, m)
+            if envelope.exponent == 2.0:
                 coins.sqrt_()
-            elif self.score == "sqrt":
+            elif envelope.exponent == 0.5:
                 coins.square_()
-            similarity = torch.addmm(coins, row_probs, pool_probs[candidates].T)  # (c, m): <ŷp, ŷq> + g⁻¹(u)
-            accept = similarity < 1.0
+            column_scale = envelope.proposal_density(candidates, mixture).pow(-1.0 / envelope.exponent)  # (m,)
+            columns = envelope.pool_rows[candidates] * column_scale.to(envelope.pool_rows.dtype)[:, None]  # (m, E+2)
+            row_block = envelope.anchor_rows[rows] * row_scale[:, None]  # (c, E+2)
+            accept = coins.addmm_(row_block, columns.T) < 0  # (c, m): u^{1/k} < s (C_p h_q)^{-1/k}
         # the anchor itself has s = 0: find candidates equal to one of these rows' own pool entry
         own_sorted, own_order = torch.sort(own)  # (c,)
         position = torch.searchsorted(own_sorted, candidates).clamp_(max=own.numel() - 1)  # (m,)
@@ -280,49 +505,69 @@ class InstanceAwareSampler:
 
     def _rejection_sample(
         self,
-        anchor_probs: Tensor | None,
-        pool_probs: Tensor | None,
+        envelope: _Envelope | None,
         anchor_pool_index: Tensor,
         pool_size: int,
         generator: torch.Generator | None,
     ) -> NegativeSamples:
         device = anchor_pool_index.device
         num_anchors, num_negatives = anchor_pool_index.shape[0], self.num_negatives
-        acceptance_estimate = self.uniform_acceptance if self.strategy == "uniform" else 0.5
+        zero_pool = (
+            envelope.zero_pool if envelope is not None else torch.zeros(num_anchors, dtype=torch.bool, device=device)
+        )  # (A,)
+        # block height from the rows' typical round size (global λ = 1/2), so blocks have similar sizes
+        _, typical = self._block_plan(envelope, torch.arange(num_anchors, device=device))
+        typical = typical[~zero_pool] if bool((~zero_pool).any()) else typical
+        first_size = float(_round_size(torch.tensor([float(num_negatives)]), typical.median().reshape(1).cpu())[0])
+        first_size = min(first_size, self.max_proposals_per_slot * num_negatives)
+        rows_per_block = max(1, int(_BLOCK_ELEMENTS // max(1.0, first_size)))
+
         starts, block_candidates, block_columns, block_segments = [], [], [], []
         proposals = accepted = max_rounds_used = fallbacks = fallback_anchors = 0
-        start = 0
-        while start < num_anchors:
-            first_round = math.ceil(_SAFETY * num_negatives / acceptance_estimate) + 16
-            first_round = min(first_round, self.max_proposals_per_slot * num_negatives)
-            stop = min(num_anchors, start + max(1, _BLOCK_ELEMENTS // first_round))
+        min_acceptance = math.inf
+        for start in range(0, num_anchors, rows_per_block):
+            stop = min(num_anchors, start + rows_per_block)
             size = stop - start
             own = anchor_pool_index[start:stop]  # (c,)
-            columns = torch.full((size, num_negatives + 1), -1, dtype=torch.long, device=device)  # (c, R + spare)
+            block_zero = zero_pool[start:stop]  # (c,)
+            # column 0 takes rejections, column R + 1 acceptances beyond a row's need: both dropped
+            columns = torch.full((size, num_negatives + 2), -1, dtype=torch.long, device=device)  # (c, R + 2)
             filled = torch.zeros(size, dtype=torch.long, device=device)  # (c,)
-            pending = torch.arange(size, device=device)  # local rows still short
+            pending = (~block_zero).nonzero(as_tuple=True)[0]  # local rows sampled by rejection
             candidate_parts: list[Tensor] = []
             segments: list[tuple[Tensor | None, int, int]] = []
             offset = rounds = 0
+            mixture, acceptance, row_scale = 0.0, None, None
+            if pending.numel() > 0:
+                mixture, acceptance = self._block_plan(envelope, start + pending)  # (p,)
+                acceptance_of_row = torch.zeros(size, dtype=torch.float64, device=device)
+                acceptance_of_row[pending] = acceptance
+                min_acceptance = min(min_acceptance, float(acceptance.min()))
+                if envelope is not None:
+                    constant = envelope.envelope_constant(torch.arange(start, stop, device=device), mixture)  # (c,)
+                    row_scale = constant.pow(-1.0 / envelope.exponent).to(envelope.pool_rows.dtype)  # (c,)
             while pending.numel() > 0 and rounds < self.max_rounds:
                 rounds += 1
-                max_missing = int(num_negatives - filled[pending].min())
-                wanted = math.ceil(_SAFETY * max_missing / acceptance_estimate) + 16
-                num_candidates = min(wanted, self.max_proposals_per_slot * max_missing)
-                candidates = torch.randint(0, pool_size, (num_candidates,), generator=generator, device=device)  # (m,)
-                whole_block = pending.numel() == size
-                if anchor_probs is None:
-                    row_probs = None
+                need = num_negatives - filled[pending]  # (p,)
+                sizes = _round_size(need, acceptance_of_row[pending])  # (p,)
+                # first round: enough for most rows (the rest finish in a small second round); later: all
+                wanted = sizes.quantile(_FIRST_ROUND_QUANTILE) if rounds == 1 and sizes.numel() > 1 else sizes.max()
+                num_candidates = int(min(float(wanted), self.max_proposals_per_slot * int(need.max())))
+                if envelope is None:
+                    candidates = torch.randint(0, pool_size, (num_candidates,), generator=generator, device=device)
                 else:
-                    row_probs = anchor_probs[start:stop] if whole_block else anchor_probs[start + pending]  # (p, E)
-                accept = self._accept(row_probs, pool_probs, own[pending], candidates, generator)  # (p, m)
-                # a row's k-th acceptance is its k-th draw: slot = already filled + rank - 1; acceptances
-                # beyond the row's need (and rejections) go to the spare column R, which is dropped
+                    candidates = envelope.propose(num_candidates, mixture, generator)  # (m,)
+                whole_block = pending.numel() == size
+                accept = self._accept(
+                    envelope, start + pending, own[pending], candidates, mixture,
+                    None if row_scale is None else row_scale[pending], generator,
+                )  # (p, m)  # fmt: skip
+                # a row's k-th acceptance is its k-th draw: slot = already filled + rank (1-based);
+                # rejections go to slot 0, acceptances beyond the row's need to slot R + 1
                 slot = accept.cumsum(dim=1)  # (p, m): 1-based rank of each acceptance in its row
                 counts = slot[:, -1].clone()  # (p,) acceptances per row
                 already = filled[pending]  # (p,)
-                slot.add_((already - 1)[:, None])
-                slot = torch.where(accept, slot, num_negatives).clamp_(max=num_negatives)  # (p, m)
+                slot.add_(already[:, None]).mul_(accept).clamp_(max=num_negatives + 1)  # (p, m)
                 values = torch.arange(offset, offset + num_candidates, device=device).expand_as(slot)
                 if whole_block:
                     columns.scatter_(1, slot, values)
@@ -330,35 +575,29 @@ class InstanceAwareSampler:
                     columns[pending] = columns[pending].scatter_(1, slot, values)
                 filled[pending] = (already + counts).clamp_(max=num_negatives)
                 candidate_parts.append(candidates)
-                segments.append((None if whole_block else pending, offset, offset + num_candidates))
+                segments.extend(_round_segments(columns, pending, whole_block, offset, num_candidates, num_negatives))
                 offset += num_candidates
-                round_accepted = int(counts.sum())
                 proposals += accept.numel()
-                accepted += round_accepted
-                if rounds == 1 or round_accepted > 0:
-                    acceptance_estimate = max(round_accepted / accept.numel(), 1e-6)
-                if rounds == 1:
-                    first_round_estimate = acceptance_estimate
+                accepted += int(counts.sum())
                 pending = pending[filled[pending] < num_negatives]
-            columns = columns[:, :num_negatives].contiguous()  # (c, R): drop the spare column
-            if pending.numel() > 0:  # bounded rounds exhausted (or every score 0): uniform fallback
-                block_rows = columns[pending]  # (p, R)
+            columns = columns[:, 1 : num_negatives + 1].contiguous()  # (c, R): drop the spare columns
+            short_rows = (filled < num_negatives).nonzero(as_tuple=True)[0]  # zero-pool rows + rounds exhausted
+            if short_rows.numel() > 0:  # uniform over the pool minus the anchor, counted
+                block_rows = columns[short_rows]  # (p, R)
                 short = block_rows < 0  # (p, R)
                 count = int(short.sum())
-                fallback = _uniform_excluding(own[pending], pool_size, (pending.numel(), num_negatives), generator)
+                fallback = _uniform_excluding(own[short_rows], pool_size, (short_rows.numel(), num_negatives), generator)
                 block_rows[short] = offset + torch.arange(count, device=device)
-                columns[pending] = block_rows
+                columns[short_rows] = block_rows
                 candidate_parts.append(fallback[short])
-                segments.append((pending, offset, offset + count))
+                segments.append((None if short_rows.numel() == size else short_rows, offset, offset + count))
                 fallbacks += count
-                fallback_anchors += int(pending.numel())
+                fallback_anchors += int(short_rows.numel())
             starts.append(start)
             block_candidates.append(torch.cat(candidate_parts))
             block_columns.append(columns)
             block_segments.append(tuple(segments))
             max_rounds_used = max(max_rounds_used, rounds)
-            acceptance_estimate = first_round_estimate  # the next block starts like this one did
-            start = stop
         blocks = CandidateBlocks(
             tuple(starts), tuple(block_candidates), tuple(block_columns), num_negatives, tuple(block_segments)
         )
@@ -369,4 +608,7 @@ class InstanceAwareSampler:
             fallbacks=fallbacks,
             fallback_anchors=fallback_anchors,
             rounds=max_rounds_used,
+            zero_pool_anchors=int(zero_pool.sum()),
+            mean_score=envelope.mean_score if envelope is not None else float("nan"),
+            min_expected_acceptance=min_acceptance if math.isfinite(min_acceptance) else float("nan"),
         )

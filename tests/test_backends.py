@@ -104,8 +104,9 @@ def _blocked_samples(num_anchors: int, pool_size: int, negatives: int, dtype=tor
     from instcontrast.sampler import InstanceAwareSampler
 
     probs = torch.nn.functional.normalize(torch.rand(pool_size, 6, dtype=dtype), dim=1)
-    # max_rounds=2 with small pools forces several rounds and some fallbacks too
-    sampler = InstanceAwareSampler(num_negatives=negatives, strategy=strategy, max_rounds=2)
+    # at most one proposal per missing slot and round forces several rounds (later ones serve a subset
+    # of rows); max_rounds=4 leaves some slots to the fallback too
+    sampler = InstanceAwareSampler(num_negatives=negatives, strategy=strategy, max_rounds=4, max_proposals_per_slot=1)
     own = torch.arange(num_anchors) % pool_size
     return sampler(probs[own], probs, own, generator=torch.Generator().manual_seed(num_anchors))
 

@@ -22,7 +22,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
-SCRIPTS = ("bench_peers", "bench_scaling", "bench_loss", "bench_roofline", "bench_bank")
+SCRIPTS = ("bench_peers", "bench_scaling", "bench_loss", "bench_roofline", "bench_bank", "bench_confidence")
 HAVE_PML = importlib.util.find_spec("pytorch_metric_learning") is not None
 TIMEOUT_S = 300
 
@@ -173,3 +173,22 @@ def test_bench_bank_smoke(smoke_runs: dict[str, tuple[dict[str, Any], Path]]) ->
         _check_peak(provider["memory"]["peak_bytes"]["step"])
     assert providers[1]["pool_size"] == providers[0]["pool_size"] + report["config"]["bank_size"]
     _check_ratios(report["ratios"], {"bank_over_none_time", "bank_over_none_peak_memory"})
+
+
+def test_bench_confidence_smoke(smoke_runs: dict[str, tuple[dict[str, Any], Path]]) -> None:
+    report = _report(smoke_runs, "bench_confidence")
+    cases = {case["case"]: case for case in report["timing"]["cases"]}
+    assert set(cases) == {f"scale={scale:g}" for scale in (0.03, 0.1, 0.3, 1.0, 5.0)} | {"mask2former-random-init"}
+    for case in cases.values():
+        _check_timing(case["fusion"])
+        _check_timing(case["uniform"])
+        assert _positive(case["fusion_over_uniform"])
+        assert 0.0 < case["acceptance"] <= 1.0 and _positive(case["proposals_per_negative"])
+        assert case["fallbacks"] == 0 and case["zero_pool_anchors"] == 0, case
+    rows = report["memory_small"]["rows"]
+    assert [row["scale"] for row in rows] == [0.03, 0.1, 0.3, 1.0, 5.0]
+    for row in rows:
+        assert not row["errors"], row
+        for run in row["runs"]:
+            _check_peak(run["peak_rss_bytes"])
+            assert run["fallbacks"] == 0

@@ -1,0 +1,66 @@
+"""Constants and plain data types shared by :mod:`instcontrast.functional` and :mod:`instcontrast.sampler`.
+
+They live here, below both modules, so that neither has to import the other for them. The public
+homes stay :mod:`instcontrast.functional` (``SCORES``, ``STRATEGIES``) and
+:mod:`instcontrast.sampler` (``CandidateBlocks``), which re-export them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["SCORES", "STRATEGIES", "CandidateBlocks"]
+
+STRATEGIES = ("uniform", "mask", "class", "fusion")
+SCORES = ("linear", "squared", "sqrt")
+
+
+@dataclass(frozen=True)
+class CandidateBlocks:
+    """Negatives stored per block of anchors as columns into a shared candidate list.
+
+    Anchors ``[starts[b], starts[b] + columns[b].shape[0])`` draw their negatives from
+    ``candidates[b]`` (pool indices, ``(m_b,)``); ``columns[b]`` (``(c_b, R)``) holds each anchor's
+    chosen positions in that list. This is how the sampler produces them, and it lets the
+    ``chunked`` backend score a whole block with one matrix product instead of gathering
+    ``c_b · R`` embedding rows.
+
+    A block's candidate list is the concatenation of its proposal rounds. Later rounds serve only
+    the anchors still short, and within a round a row stops at its last accepted candidate, so
+    ``segments[b]`` lists ``(rows, lo, hi)`` pieces: the block's local rows that may point into
+    ``candidates[b][lo:hi]`` (``None`` = every row). Scoring only those (row, column) ranges gives
+    the same values for every chosen column at less cost.
+
+    Attributes:
+        starts: first anchor of each block.
+        candidates: per block, the candidate pool indices.
+        columns: per block, each anchor's negatives as positions in ``candidates[b]``.
+        num_negatives: ``R``.
+        segments: per block, the ``(rows, lo, hi)`` ranges above; empty = one segment covering all.
+    """
+
+    starts: tuple[int, ...]
+    candidates: tuple[Tensor, ...]
+    columns: tuple[Tensor, ...]
+    num_negatives: int = 0
+    segments: tuple[tuple[tuple[Tensor | None, int, int], ...], ...] = ()
+
+    def block_segments(self, block: int) -> tuple[tuple[Tensor | None, int, int], ...]:
+        """The ``(rows, lo, hi)`` segments of one block."""
+        if self.segments:
+            return self.segments[block]
+        return ((None, 0, self.candidates[block].numel()),)
+
+    @property
+    def num_anchors(self) -> int:
+        """``A``, the rows of all blocks together."""
+        return sum(cols.shape[0] for cols in self.columns)
+
+    def to_index(self) -> Tensor:
+        """The negatives as pool indices, ``(A, R)``."""
+        if not self.columns:
+            return torch.empty(0, self.num_negatives, dtype=torch.long)
+        return torch.cat([cand[cols] for cand, cols in zip(self.candidates, self.columns)], dim=0)
