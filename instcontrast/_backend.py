@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ._extras import TRITON_INSTALL_HINT
 from .ops.chunked import sampled_logsumexp_chunked
 from .ops.reference import sampled_logsumexp_reference
 
@@ -31,7 +32,6 @@ __all__ = ["BACKENDS", "Backend", "resolve_backend", "triton_is_available", "tri
 
 BACKENDS = ("auto", "reference", "chunked", "triton")
 ENV_VARIABLE = "INSTCONTRAST_BACKEND"
-TRITON_INSTALL_HINT = "pip install 'instcontrast[triton]'"
 
 LogSumExpOp = Callable[[Tensor, Tensor, Tensor, float], Tensor]
 

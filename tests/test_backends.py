@@ -200,3 +200,20 @@ def test_chunked_backward_over_several_anchor_blocks_with_an_uneven_tail() -> No
         (sampled_logsumexp_chunked(a_chk, p_chk, index, 3.0, block_size=block_size) * upstream).sum().backward()
         torch.testing.assert_close(a_chk.grad, a_ref.grad)
         torch.testing.assert_close(p_chk.grad, p_ref.grad)
+
+
+def test_the_triton_install_hint_has_one_home_below_backend_and_kernels() -> None:
+    import ast
+    from pathlib import Path
+
+    import instcontrast
+
+    package = Path(instcontrast.__file__).parent
+
+    def imported_modules(relative: str) -> set[str]:
+        tree = ast.parse((package / relative).read_text())
+        return {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level > 0}
+
+    assert imported_modules("_extras.py") == set()  # imports nothing from the package
+    assert "_backend" not in imported_modules("ops/triton.py")  # no _backend <-> ops.triton circle
+    assert "_extras" in imported_modules("ops/triton.py") and "_extras" in imported_modules("_backend.py")
