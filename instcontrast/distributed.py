@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["world_info", "all_gather_rows", "all_gather_rows_with_grad", "gathered_offset", "all_reduce_count"]
+__all__ = ["all_gather_rows", "all_gather_rows_with_grad", "all_reduce_count", "gathered_offset", "world_info"]
 
 
 def world_info() -> tuple[int, int]:

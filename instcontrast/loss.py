@@ -35,7 +35,7 @@ from .functional import (
 from .memory_bank import PixelMemoryBank
 from .sampler import InstanceAwareSampler, NegativeSamples
 
-__all__ = ["InstanceAwarePixelContrast", "ContrastOutput", "ContrastStats", "LOSSES", "ANCHOR_MEANS"]
+__all__ = ["ANCHOR_MEANS", "LOSSES", "ContrastOutput", "ContrastStats", "InstanceAwarePixelContrast"]
 
 LOSSES = ("infonce", "hinge")
 ANCHOR_MEANS = ("global", "rank")

@@ -18,8 +18,8 @@ import functools
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -271,7 +271,7 @@ def test_a_rank_without_valid_pixels_still_writes_the_bank_and_banks_stay_identi
 def test_a_rank_without_valid_pixels_and_gradient_through_the_strong_view_matches_one_process() -> None:
     results = _run_on_two_ranks("empty_rank_strong_grad")
     assert results[1]["index"] is None and float(results[1]["loss"]) == 0.0
-    z_weak, z_strong, mask_logits, class_logits, _ = _global_batch()
+    z_weak, z_strong, *_ = _global_batch()
     weak = z_weak.clone().requires_grad_()
     strong = z_strong.clone().requires_grad_()
     # the same sampled indices, so this checks the collectives and the normalization exactly
@@ -331,7 +331,7 @@ def test_no_anchor_on_any_rank_samples_its_own_global_row() -> None:
 
 def test_distributed_negatives_follow_the_single_process_score_distribution() -> None:
     results = _run_on_two_ranks("unequal_counts")
-    z_weak, z_strong, mask_logits, class_logits, _ = _unequal_batch()
+    _, _, mask_logits, class_logits, _ = _unequal_batch()
     valid = _unequal_valid().reshape(-1)
     probs = fused_probability(mask_logits, class_logits, (HEIGHT, WIDTH)).reshape(-1, QUERIES + CLASSES + 1)
     pool_probs = probs[valid]  # (M, E) the concatenated batch's pool, computed here independently

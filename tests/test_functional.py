@@ -200,7 +200,7 @@ def test_empirical_margin_on_candidate_blocks_averages_over_all_a_times_r_negati
     positives = 0.5 * torch.randn(8, 4, generator=generator)
     pool = 2 * torch.randn(6, 4, generator=generator)
     index = blocks.to_index()  # (8, 3)
-    unit = lambda x: x / x.norm(dim=-1, keepdim=True)  # noqa: E731
+    unit = lambda x: x / x.norm(dim=-1, keepdim=True)
     positive_cos = (unit(anchors) * unit(positives)).sum(-1)  # (8,)
     negative_cos = (unit(anchors)[:, None, :] * unit(pool)[index]).sum(-1)  # (8, 3)
     expected = positive_cos.mean() - negative_cos.mean()
