@@ -39,6 +39,7 @@ __all__ = ["ANCHOR_MEANS", "LOSSES", "ContrastOutput", "ContrastStats", "Instanc
 
 LOSSES = ("infonce", "hinge")
 ANCHOR_MEANS = ("global", "rank")
+_RANK_SHIFT = 20  # false-negative keys: image = rank·2^20 + b, key = image·2^32 + id + 1
 
 
 @dataclass
@@ -157,7 +158,8 @@ class InstanceAwarePixelContrast(nn.Module):
     gives a zero loss that is still attached to the graph and ``stats.num_anchors == 0``.
     ``R`` larger than the pool is fine (sampling is with replacement). A pool whose scores are
     all zero (one instance everywhere) falls back to uniform sampling, counted in
-    ``stats.fallbacks``. NaN/Inf inputs raise ``ValueError``.
+    ``stats.fallbacks``. NaN/Inf inputs raise ``ValueError``. Embeddings of any finite magnitude
+    work (max-abs scaled before normalizing); an all-zero embedding pixel gets a zero gradient.
 
     Example:
         >>> crit = InstanceAwarePixelContrast(num_negatives=8)
@@ -422,7 +424,8 @@ class InstanceAwarePixelContrast(nn.Module):
         ids = F.interpolate(instance_ids[:, None].double(), size=(height, width), mode="nearest")
         ids = ids[:, 0].long().reshape(-1)  # (B·N,)
         rank, _ = world_info()
-        image = torch.arange(batch, device=ids.device).repeat_interleave(height * width) + rank * batch
+        # an image is (rank, b): ranks may hold different batch sizes, so no rank·B arithmetic
+        image = torch.arange(batch, device=ids.device).repeat_interleave(height * width) + (rank << _RANK_SHIFT)
         # keys unique across images and ranks: (image, id); -1 marks ignored pixels
         keys = torch.where(ids == self.ignore_index, torch.full_like(ids, -1), (image << 32) + ids + 1)
         pool_keys = keys[local_pool]  # (M_local,)

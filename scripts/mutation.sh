@@ -5,6 +5,7 @@
 #   scripts/mutation.sh                      # the core modules below, against their unit tests
 #   scripts/mutation.sh instcontrast/loss.py # only these modules (paths relative to the repo root)
 # Environment: PYTHON (default: python), JOBS (parallel mutants, default 2), KEEP=1 keeps the work dir,
+#   TESTS: space-separated test files to use instead of the default unit-test selection,
 #   SELECT: a pytest -k expression (mutmut needs a green baseline: deselect known failures with it).
 #
 # mutmut runs on a scratch copy of instcontrast/, tests/ and pyproject.toml with its own setup.cfg,
@@ -29,11 +30,14 @@ DEFAULT_MODULES=(
 MODULES=("$@")
 [ ${#MODULES[@]} -eq 0 ] && MODULES=("${DEFAULT_MODULES[@]}")
 # unit tests only: no Triton interpreter, benchmarks, docs, README or pipeline tests
-TESTS=(
+DEFAULT_TESTS=(
   tests/test_functional.py tests/test_loss_module.py tests/test_memory_bank.py tests/test_backends.py
   tests/test_normalize.py tests/test_sampler.py tests/test_distributed.py tests/test_amp.py
   tests/test_fnr_property.py tests/test_margin_property.py tests/test_properties.py
 )
+# TESTS="tests/a.py tests/b.py" narrows the selection (each mutant runs the selected tests that
+# reach the mutated function, stopping at the first failure)
+if [ -n "${TESTS:-}" ]; then read -r -a TESTS <<< "$TESTS"; else TESTS=("${DEFAULT_TESTS[@]}"); fi
 
 WORK="$(mktemp -d -t instcontrast-mutmut.XXXXXX)"
 if [ "${KEEP:-0}" != "1" ]; then trap 'rm -rf "$WORK"' EXIT; fi
@@ -51,6 +55,7 @@ find "$WORK" -name __pycache__ -type d -prune -exec rm -rf {} +
   echo "    -p"
   echo "    no:cacheprovider"
   echo "    -q"
+  echo "    -x"
   if [ -n "${SELECT:-}" ]; then echo "    -k"; echo "    $SELECT"; fi
   echo "process_isolation = forkserver"
   echo "use_git_change_detection = false"

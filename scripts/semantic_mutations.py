@@ -59,6 +59,11 @@ MUTATIONS: dict[str, tuple[str, list[tuple[str, str]], list[str]]] = {
         [("bank_keys = -2 - torch.arange(num_bank, device=ids.device)", "bank_keys = torch.full((num_bank,), -1, device=ids.device)")],
         ["tests/test_loss_module.py"],
     ),
+    "fnr_image_keys_assume_equal_batches": (
+        "instcontrast/loss.py",
+        [("+ (rank << _RANK_SHIFT)", "+ rank * batch")],
+        ["tests/test_distributed.py"],
+    ),
     "bank_pointer_stops_once_full": (
         "instcontrast/memory_bank.py",
         [("self.pointer.fill_((int(self.pointer) + count) % self.size)",

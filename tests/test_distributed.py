@@ -176,12 +176,22 @@ def _scenario_unequal_counts(rank: int) -> dict:
     }
 
 
+def _scenario_unequal_batch_sizes_with_ids(rank: int) -> dict:
+    # rank 0 holds images 0 and 1, rank 1 only image 2: image keys must not collide across ranks
+    z_weak, z_strong, mask_logits, class_logits, ids = (t[:3] for t in _global_batch())
+    part = slice(0, 2) if rank == 0 else slice(2, 3)
+    crit = InstanceAwarePixelContrast(num_negatives=64, strategy="uniform", gather_distributed=True)
+    out = crit(z_weak[part], z_strong[part], instance_ids=ids[part], generator=torch.Generator().manual_seed(rank))
+    return {"fnr": out.stats.fnr, "index": out.negative_index, "anchors": out.anchor_index}
+
+
 SCENARIOS: dict[str, Callable[[int], dict]] = {
     "matching_counts": _scenario_matching_counts,
     "empty_rank_with_ids": _scenario_empty_rank_with_ids,
     "empty_rank_with_bank": _scenario_empty_rank_with_bank,
     "empty_rank_strong_grad": _scenario_empty_rank_strong_grad,
     "unequal_counts": _scenario_unequal_counts,
+    "unequal_batch_sizes_with_ids": _scenario_unequal_batch_sizes_with_ids,
 }
 
 
@@ -368,3 +378,16 @@ def test_unequal_counts_match_an_independent_single_process_run_on_the_concatena
     # a mean of per-rank means would be far off: the two ranks' mean losses differ
     rank_means = [float(r["large_loss"]) * r["total_anchors"] / (WORLD * r["uniform_anchors"].numel()) for r in results]
     assert abs(sum(rank_means) / WORLD - float(out.loss)) > 10 * abs(float(ddp_loss) - float(out.loss))
+
+
+def test_false_negative_rate_with_different_batch_sizes_per_rank() -> None:
+    results = _run_on_two_ranks("unequal_batch_sizes_with_ids")
+    ids = _global_batch()[4][:3]
+    resized = torch.nn.functional.interpolate(ids[:, None].double(), size=(HEIGHT, WIDTH), mode="nearest")[:, 0].long()
+    image = torch.arange(3)[:, None, None].expand_as(resized)
+    keys = (image * 100 + resized).reshape(-1)  # (3·h·w,): the gathered pool is images 0, 1, 2 in order
+    for rank, result in enumerate(results):
+        first_flat = 0 if rank == 0 else 2 * HEIGHT * WIDTH
+        anchor_keys = keys[first_flat + result["anchors"]]  # (A,)
+        same = keys[result["index"]] == anchor_keys[:, None]  # (A, R)
+        assert result["fnr"] == pytest.approx(float(same.double().mean()), abs=1e-6), rank
