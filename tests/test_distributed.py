@@ -178,7 +178,7 @@ def _scenario_unequal_counts(rank: int) -> dict:
 
 def _scenario_unequal_batch_sizes_with_ids(rank: int) -> dict:
     # rank 0 holds images 0 and 1, rank 1 only image 2: image keys must not collide across ranks
-    z_weak, z_strong, mask_logits, class_logits, ids = (t[:3] for t in _global_batch())
+    z_weak, z_strong, _, _, ids = (t[:3] for t in _global_batch())
     part = slice(0, 2) if rank == 0 else slice(2, 3)
     crit = InstanceAwarePixelContrast(num_negatives=64, strategy="uniform", gather_distributed=True)
     out = crit(z_weak[part], z_strong[part], instance_ids=ids[part], generator=torch.Generator().manual_seed(rank))

@@ -184,3 +184,29 @@ def test_training_call_stores_the_strong_view_and_its_fused_probabilities() -> N
     torch.testing.assert_close(bank.embeddings[:count], flat_strong / flat_strong.norm(dim=1, keepdim=True))
     probs = fused_probability(mask_logits, class_logits, (3, 3)).reshape(-1, 7)[valid.reshape(-1)]
     torch.testing.assert_close(bank.probs[:count], probs)
+
+
+def test_defaults_are_the_papers_bank() -> None:
+    bank = PixelMemoryBank(embedding_dim=3, prob_dim=2)
+    assert (bank.size, bank.pixels_per_step, bank.warmup) == (10_000, 1024, "immediate")
+    assert bank.embeddings.shape == (10_000, 3) and bank.probs.shape == (10_000, 2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"embedding_dim": 0}, "embedding_dim must be a positive int"),
+        ({"embedding_dim": 2.5}, "embedding_dim must be a positive int"),
+        ({"prob_dim": 0}, "prob_dim must be a positive int"),
+        ({"prob_dim": 2.5}, "prob_dim must be a positive int"),
+        ({"size": 0}, "size must be a positive int"),
+        ({"size": 7.5}, "size must be a positive int"),
+        ({"pixels_per_step": 0}, "pixels_per_step must be a positive int"),
+        ({"pixels_per_step": 1.5}, "pixels_per_step must be a positive int"),
+        ({"warmup": "later"}, "warmup must be one of"),
+    ],
+)
+def test_bad_constructor_arguments_raise_naming_the_argument(kwargs: dict, message: str) -> None:
+    arguments = {"embedding_dim": 3, "prob_dim": 2, "size": 8} | kwargs
+    with pytest.raises(ValueError, match=message):
+        PixelMemoryBank(**arguments)

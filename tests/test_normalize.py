@@ -166,3 +166,26 @@ def test_every_dtype_combination_runs_through_the_module(embedding_dtype: torch.
     high = reference(weak.detach().double(), strong.detach().double(), *logits, generator=torch.Generator().manual_seed(9))
     assert torch.equal(low.negative_index, high.negative_index)
     torch.testing.assert_close(low.loss.double(), high.loss, rtol=1e-2, atol=1e-3)
+
+
+def test_leading_dimensions_are_batch_dimensions() -> None:
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    grad_unit = torch.randn(2, 3, 4, dtype=torch.float64)
+    l2_normalize(x).backward(grad_unit)
+    flat = x.detach().reshape(6, 4).requires_grad_()
+    l2_normalize(flat).backward(grad_unit.reshape(6, 4))
+    torch.testing.assert_close(l2_normalize(x.detach()), l2_normalize(flat.detach()).reshape(2, 3, 4))
+    torch.testing.assert_close(x.grad, flat.grad.reshape(2, 3, 4))
+    assert torch.autograd.gradcheck(lambda v: l2_normalize(v), (x,))
+
+
+def test_the_half_precision_cap_is_per_vector() -> None:
+    # row 0 overflows float16 and is capped; row 1 fits and must keep its exact gradient
+    x16 = torch.tensor([[1e-6, -2e-6, 3e-7], [1e-5, 5e-6, -5e-6]], dtype=torch.float16, requires_grad=True)
+    grad_unit = torch.tensor([[1.0, 1.0, -1.0], [0.01, -0.02, 0.01]])
+    l2_normalize(x16).backward(grad_unit)
+    x32 = x16.detach().float().requires_grad_()
+    l2_normalize(x32).backward(grad_unit)
+    assert x32.grad[0].abs().max() > 65504 > x32.grad[1].abs().max()
+    assert float(x16.grad[0].float().abs().max()) == 65504
+    torch.testing.assert_close(x16.grad[1].float(), x32.grad[1], rtol=2e-3, atol=0)
