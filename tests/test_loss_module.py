@@ -304,3 +304,16 @@ def test_false_negative_rate_with_bank_negatives_counts_them_as_other_instances(
     assert out.stats.fnr == pytest.approx(float(same.sum()) / float(countable.sum()), abs=1e-6)
     batch_only = countable & (index < 70)
     assert out.stats.fnr < float(same.sum()) / float(batch_only.sum())  # bank negatives dilute the rate
+
+
+def test_the_generator_alone_decides_anchor_subsampling_and_negatives() -> None:
+    z_weak, z_strong, mask_logits, class_logits = _batch(seed=6)
+    crit = InstanceAwarePixelContrast(num_negatives=5, max_anchors=20)
+    outs = []
+    for seed in (11, 11, 12):
+        torch.manual_seed(seed + 100)  # the global stream must not matter
+        outs.append(crit(z_weak, z_strong, mask_logits, class_logits, generator=torch.Generator().manual_seed(seed)))
+    assert torch.equal(outs[0].anchor_index, outs[1].anchor_index) and torch.equal(outs[0].negative_index, outs[1].negative_index)
+    assert not torch.equal(outs[0].anchor_index, outs[2].anchor_index)
+    exact = InstanceAwarePixelContrast(num_negatives=5, max_anchors=70)(z_weak, z_strong, mask_logits, class_logits)
+    assert exact.anchor_index.tolist() == list(range(70))  # max_anchors == valid pixels keeps them all, in order
