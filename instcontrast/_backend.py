@@ -18,20 +18,20 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
 
+from ._extras import TRITON_INSTALL_HINT
 from .ops.chunked import sampled_logsumexp_chunked
 from .ops.reference import sampled_logsumexp_reference
 
-__all__ = ["BACKENDS", "Backend", "resolve_backend", "triton_is_available", "triton_interpret_enabled"]
+__all__ = ["BACKENDS", "Backend", "resolve_backend", "triton_interpret_enabled", "triton_is_available"]
 
 BACKENDS = ("auto", "reference", "chunked", "triton")
 ENV_VARIABLE = "INSTCONTRAST_BACKEND"
-TRITON_INSTALL_HINT = "pip install 'instcontrast[triton]'"
 
 LogSumExpOp = Callable[[Tensor, Tensor, Tensor, float], Tensor]
 

@@ -6,8 +6,13 @@ so single-process code needs no special case.
 Gradient convention: :func:`all_gather_rows_with_grad` returns, in backward, the *sum over ranks*
 of the gradients that reach a rank's own rows (``all_reduce(SUM)`` then slice). Each rank's loss
 uses every rank's rows, so this is the gradient of :math:`\sum_r L_r`; DDP's ``1/W`` averaging
-of parameter gradients then gives exactly the gradient of the mean loss that one process would
-compute on the concatenated batch (equal anchors per rank) — no stray factor of ``W``.
+of parameter gradients then gives exactly the gradient of :math:`\frac1W\sum_r L_r`. The loss
+module makes that the single-process mean over the concatenated batch for any per-rank anchor
+counts by returning :math:`L_r = W\sum_{a\in r}\ell_a / A_{\text{all}}`, with
+:math:`A_{\text{all}}` from :func:`all_reduce_count` — no stray factor of ``W``.
+
+Collective order: every function here is a collective. Callers must make every rank call the same
+functions in the same order, including ranks that hold zero rows (a zero-row gather is fine).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["world_info", "all_gather_rows", "all_gather_rows_with_grad", "gathered_offset"]
+__all__ = ["all_gather_rows", "all_gather_rows_with_grad", "all_reduce_count", "gathered_offset", "world_info"]
 
 
 def world_info() -> tuple[int, int]:
@@ -35,6 +40,8 @@ def _gather_sizes(count: int, device: torch.device) -> list[int]:
 
 def _gather_padded(rows: Tensor, sizes: list[int]) -> Tensor:
     longest = max(sizes)
+    if longest == 0:  # every rank agrees (same sizes everywhere), so all skip the collective together
+        return rows.new_zeros((0,) + tuple(rows.shape[1:]))
     padded = rows.new_zeros((longest,) + tuple(rows.shape[1:]))
     padded[: rows.shape[0]] = rows
     buckets = [torch.empty_like(padded) for _ in sizes]
@@ -49,6 +56,22 @@ def gathered_offset(count: int, device: torch.device | None = None) -> int:
         return 0
     sizes = _gather_sizes(count, device or torch.device("cpu"))
     return sum(sizes[:rank])
+
+
+def all_reduce_count(count: int, device: torch.device | None = None) -> int:
+    r"""Sum of ``count`` over all ranks (``count`` itself in one process).
+
+    Every rank must call it (a rank with nothing to count passes 0).
+
+    .. math::
+        n_{\text{all}} = \sum_{r=0}^{W-1} n_r
+    """
+    _, world = world_info()
+    if world == 1:
+        return int(count)
+    total = torch.tensor([int(count)], dtype=torch.long, device=device or torch.device("cpu"))
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return int(total)
 
 
 @torch.no_grad()
@@ -76,7 +99,8 @@ class _AllGatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         grad = grad_output.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        if grad.numel() > 0:  # the gathered size is the same on every rank: all skip together
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         return grad[ctx.start : ctx.start + ctx.count]
 
 

@@ -18,6 +18,7 @@ from ._backend import Backend, resolve_backend
 from ._checks import check_choice, check_positive, check_predictions
 from ._types import SCORES, STRATEGIES, CandidateBlocks
 from .ops.chunked import accumulation_dtype, block_scores, default_block_size, sampled_logsumexp_blocked
+from .ops.normalize import l2_normalize
 
 __all__ = [
     "STRATEGIES",
@@ -168,7 +169,9 @@ def _reduce(per_anchor: Tensor, reduction: str) -> Tensor:
 
 
 def _normalized(x: Tensor) -> Tensor:
-    return F.normalize(x.to(accumulation_dtype(x.dtype)), p=2.0, dim=-1)
+    """Unit rows in the accumulation dtype; max-abs scaled first, so no norm overflows, and a zero
+    row stays zero with zero gradient (:func:`~instcontrast.ops.normalize.l2_normalize`)."""
+    return l2_normalize(x, accumulation_dtype(x.dtype))
 
 
 def positive_similarity(anchors: Tensor, positives: Tensor) -> Tensor:
@@ -195,8 +198,13 @@ def pixel_info_nce(
         \ell_a = -\log \frac{e^{s^+_a}}{e^{s^+_a} + \sum_{r=1}^{R} e^{s^-_{a,r}}}
                = \operatorname{softplus}\Big(\log\sum_r e^{s^-_{a,r}} - s^+_a\Big) \ge 0 .
 
-    Inputs are normalized here (a zero vector stays zero); similarities and the log-sum-exp are
-    accumulated in float32 (float64 for float64 inputs), so half-precision inputs are safe. With no
+    Inputs are normalized here by :func:`~instcontrast.ops.normalize.l2_normalize`: each vector is
+    divided by its largest absolute entry before its norm is taken, so any finite magnitude works
+    (no overflow at :math:`10^{19}`, no underflow of tiny half-precision vectors); a zero vector
+    stays zero and gets a zero gradient; a gradient too large for the input's dtype is scaled
+    down to its largest finite value instead of becoming ``inf``. Similarities and the
+    log-sum-exp are accumulated in float32 (float64 for float64 inputs), so half-precision inputs
+    are safe. With no
     anchors (``A = 0``) the ``"mean"`` is 0, still attached to the graph.
 
     Args:

@@ -21,7 +21,7 @@ from ._checks import (
     check_valid_mask,
     extract_predictions,
 )
-from .distributed import all_gather_rows, all_gather_rows_with_grad, gathered_offset, world_info
+from .distributed import all_gather_rows, all_gather_rows_with_grad, all_reduce_count, gathered_offset, world_info
 from .functional import (
     SCORES,
     STRATEGIES,
@@ -35,9 +35,11 @@ from .functional import (
 from .memory_bank import PixelMemoryBank
 from .sampler import InstanceAwareSampler, NegativeSamples
 
-__all__ = ["InstanceAwarePixelContrast", "ContrastOutput", "ContrastStats", "LOSSES"]
+__all__ = ["ANCHOR_MEANS", "LOSSES", "ContrastOutput", "ContrastStats", "InstanceAwarePixelContrast"]
 
 LOSSES = ("infonce", "hinge")
+ANCHOR_MEANS = ("global", "rank")
+_RANK_SHIFT = 20  # false-negative keys: image = rank·2^20 + b, key = image·2^32 + id + 1
 
 
 @dataclass
@@ -45,7 +47,9 @@ class ContrastStats:
     """Diagnostics of one call (plain Python numbers, ready to log).
 
     Attributes:
-        num_anchors: anchors that contributed to the loss.
+        num_anchors: anchors that contributed to the loss on this rank.
+        total_anchors: anchors the loss is averaged over: ``num_anchors``, or under
+            ``gather_distributed`` with ``anchor_mean="global"`` the sum over all ranks.
         pool_size: candidates negatives were drawn from (batch, other ranks, bank).
         bank_candidates: how many of those came from the memory bank.
         acceptance: accepted / proposed pairs of this call's rejection sampler (a cost measure,
@@ -64,6 +68,7 @@ class ContrastStats:
     """
 
     num_anchors: int = 0
+    total_anchors: int = 0
     pool_size: int = 0
     bank_candidates: int = 0
     acceptance: float = 1.0
@@ -132,7 +137,19 @@ class InstanceAwarePixelContrast(nn.Module):
         max_anchors: keep at most this many randomly chosen valid anchors per call (whole batch,
             this rank); ``None`` uses all.
         gather_distributed: under ``torch.distributed``, draw negatives from every rank's pixels
-            (autograd-aware all-gather when the strong branch is not detached).
+            (autograd-aware all-gather when the strong branch is not detached). Every rank must
+            then call the module, with the same configuration and with ``instance_ids`` given on
+            all ranks or on none; a rank without valid pixels is fine.
+        anchor_mean: with ``gather_distributed`` and more than one rank: ``"global"`` (default)
+            divides each rank's summed loss by the anchor count all-reduced over ranks and
+            multiplies by the world size ``W``, :math:`L_r = W \sum_{a \in r} \ell_a / A_{\text{all}}`,
+            so DDP's gradient averaging :math:`\frac1W\sum_r \nabla L_r` is exactly the gradient of
+            the single-process mean over the concatenated batch, whatever the per-rank counts
+            (the value :math:`L_r` is then not this rank's own mean: average it over ranks to log
+            the global loss). ``"rank"`` returns this rank's own mean; DDP then optimizes the mean
+            of per-rank means, which weights an anchor on a rank with few anchors more and differs
+            from the single-process step unless every rank has the same number of anchors.
+            Without a process group (or ``gather_distributed=False``) both are the plain mean.
         ignore_index: instance id skipped when computing the false-negative rate.
         max_rounds: rejection-sampling rounds before the uniform fallback (rarely more than 2 are used).
         compute_stats: compute the margin/cosine diagnostics (one extra no-grad pass).
@@ -149,7 +166,8 @@ class InstanceAwarePixelContrast(nn.Module):
     ``R`` larger than the pool is fine (sampling is with replacement). An anchor whose pool
     scores are all zero (one instance everywhere) gets uniform negatives, counted in
     ``stats.zero_pool_anchors`` and ``stats.fallbacks``. NaN/Inf inputs raise ``ValueError``.
-    float64 embeddings and logits stay float64.
+    float64 embeddings and logits stay float64. Embeddings of any finite magnitude work (max-abs
+    scaled before normalizing); an all-zero embedding pixel gets a zero gradient.
 
     Example:
         >>> crit = InstanceAwarePixelContrast(num_negatives=8)
@@ -171,6 +189,7 @@ class InstanceAwarePixelContrast(nn.Module):
         detach_strong: bool = True,
         max_anchors: int | None = None,
         gather_distributed: bool = False,
+        anchor_mean: str = "global",
         ignore_index: int = -1,
         max_rounds: int = 8,
         compute_stats: bool = True,
@@ -197,6 +216,7 @@ class InstanceAwarePixelContrast(nn.Module):
         self.detach_strong = bool(detach_strong)
         self.max_anchors = max_anchors
         self.gather_distributed = bool(gather_distributed)
+        self.anchor_mean = check_choice("anchor_mean", anchor_mean, ANCHOR_MEANS)
         self.ignore_index = int(ignore_index)
         self.compute_stats = bool(compute_stats)
 
@@ -285,49 +305,80 @@ class InstanceAwarePixelContrast(nn.Module):
         anchor_in_local = self._choose_anchors(local_pool.numel(), device, generator)  # (A,)
         anchor_flat = local_pool[anchor_in_local]  # (A,)
 
+        # Under torch.distributed every rank runs the same collectives in the same order, whatever
+        # its anchors (none included): pool gather, anchor-count all-reduce, FNR key gather, bank
+        # enqueue, and (detach_strong=False) the all-reduce in the gather's backward.
+        distributed = self.gather_distributed and world_info()[1] > 1
         pool_z = z_strong_flat[local_pool]  # (M_local, D)
         pool_probs = probs[local_pool] if probs is not None else None
         offset = 0
-        if self.gather_distributed and world_info()[1] > 1:
+        if distributed:
             offset = gathered_offset(local_pool.numel(), device)
             pool_z = all_gather_rows(pool_z) if self.detach_strong else all_gather_rows_with_grad(pool_z)
             pool_probs = all_gather_rows(pool_probs) if pool_probs is not None else None
         batch_pool_size = pool_z.shape[0]
         bank_z, bank_probs = self._bank_candidates(dim, probs, device)
         pool_size = batch_pool_size + bank_z.shape[0]
-        if pool_size < 2 or anchor_flat.numel() == 0:
-            zero = z_weak.sum() * 0.0 + (z_strong.sum() * 0.0 if not self.detach_strong else 0.0)
-            return ContrastOutput(loss=zero.float(), stats=ContrastStats(pool_size=pool_size))
+        sampled = pool_size >= 2 and anchor_flat.numel() > 0
+        total_anchors = anchor_flat.numel() if sampled else 0
+        if distributed and self.anchor_mean == "global":
+            total_anchors = all_reduce_count(total_anchors, device)
         if bank_z.shape[0] > 0:
             pool_z = torch.cat([pool_z, bank_z.to(pool_z.dtype)], dim=0)  # (M, D)
             if pool_probs is not None:
                 pool_probs = torch.cat([pool_probs, bank_probs.to(pool_probs.dtype)], dim=0)  # (M, E)
 
-        anchor_pool_index = anchor_in_local + offset  # (A,) each anchor's own row in the pool
-        samples = self.sampler(
-            probs[anchor_flat] if probs is not None else None,
-            pool_probs,
-            anchor_pool_index,
-            pool_size=pool_size,
-            generator=generator,
-        )
-        anchors = z_weak_flat[anchor_flat]  # (A, D)
-        positives = z_strong_flat[anchor_flat]  # (A, D)
-        if self.loss_type == "infonce":
-            loss = pixel_info_nce(
-                anchors, positives, pool_z, samples.blocks, self.temperature, backend=self.backend
+        samples = None
+        if sampled:
+            anchor_pool_index = anchor_in_local + offset  # (A,) each anchor's own row in the pool
+            samples = self.sampler(
+                probs[anchor_flat] if probs is not None else None,
+                pool_probs,
+                anchor_pool_index,
+                pool_size=pool_size,
+                generator=generator,
             )
+            anchors = z_weak_flat[anchor_flat]  # (A, D)
+            positives = z_strong_flat[anchor_flat]  # (A, D)
+            if self.loss_type == "infonce":
+                loss_sum = pixel_info_nce(
+                    anchors, positives, pool_z, samples.blocks, self.temperature, reduction="sum", backend=self.backend
+                )
+            else:
+                loss_sum = pixel_hinge(anchors, positives, pool_z, samples.blocks, self.margin, reduction="sum")
+            stats = self._stats(samples, anchors, positives, pool_z, pool_size, bank_z.shape[0])
         else:
-            loss = pixel_hinge(anchors, positives, pool_z, samples.blocks, self.margin)
+            # no anchor here (or no pool anywhere): a zero still attached to every input of the graph,
+            # the gathered pool included, so backward reaches the gather's all-reduce on this rank too
+            loss_sum = z_weak.sum() * 0.0 + (pool_z.sum() * 0.0 if pool_z.requires_grad else 0.0)
+            stats = ContrastStats(pool_size=pool_size, bank_candidates=bank_z.shape[0])
+        loss = self._normalize(loss_sum, total_anchors, distributed)
+        stats.total_anchors = total_anchors
 
-        stats = self._stats(samples, anchors, positives, pool_z, pool_size, bank_z.shape[0])
         if instance_ids is not None:
             stats.fnr = self._false_negative_rate(
-                instance_ids, batch, height, width, local_pool, anchor_flat, samples.index, bank_z.shape[0]
+                instance_ids,
+                batch,
+                height,
+                width,
+                local_pool,
+                anchor_flat if sampled else anchor_flat[:0],
+                samples.index if samples is not None else torch.empty(0, 0, dtype=torch.long, device=device),
+                bank_z.shape[0],
+                distributed,
             )
         if self.memory_bank is not None and self.training and probs is not None:
             self.memory_bank.enqueue(z_strong_flat[local_pool].detach(), probs[local_pool], generator=generator)
-        return ContrastOutput(loss=loss, stats=stats, samples=samples, anchor_index=anchor_flat)
+        return ContrastOutput(loss=loss, stats=stats, samples=samples, anchor_index=anchor_flat if sampled else None)
+
+    def _normalize(self, loss_sum: Tensor, total_anchors: int, distributed: bool) -> Tensor:
+        """Turn this rank's summed per-anchor loss into what it returns (see the class docstring)."""
+        loss_sum = loss_sum.float() if loss_sum.dtype != torch.float64 else loss_sum
+        if total_anchors == 0:
+            return loss_sum * 0.0
+        if distributed and self.anchor_mean == "global":
+            return loss_sum * (world_info()[1] / total_anchors)
+        return loss_sum / total_anchors
 
     def _choose_anchors(self, num_valid: int, device: torch.device, generator: torch.Generator | None) -> Tensor:
         if self.max_anchors is None or num_valid <= self.max_anchors:
@@ -377,16 +428,18 @@ class InstanceAwarePixelContrast(nn.Module):
         anchor_flat: Tensor,
         negative_index: Tensor,
         num_bank: int,
+        distributed: bool,
     ) -> float | None:
         instance_ids = check_instance_ids(instance_ids, batch).to(anchor_flat.device)
         ids = F.interpolate(instance_ids[:, None].double(), size=(height, width), mode="nearest")
         ids = ids[:, 0].long().reshape(-1)  # (B·N,)
         rank, _ = world_info()
-        image = torch.arange(batch, device=ids.device).repeat_interleave(height * width) + rank * batch
+        # an image is (rank, b): ranks may hold different batch sizes, so no rank·B arithmetic
+        image = torch.arange(batch, device=ids.device).repeat_interleave(height * width) + (rank << _RANK_SHIFT)
         # keys unique across images and ranks: (image, id); -1 marks ignored pixels
         keys = torch.where(ids == self.ignore_index, torch.full_like(ids, -1), (image << 32) + ids + 1)
         pool_keys = keys[local_pool]  # (M_local,)
-        if self.gather_distributed and world_info()[1] > 1:
+        if distributed:  # every rank gathers, with or without anchors of its own
             pool_keys = all_gather_rows(pool_keys)
         if num_bank > 0:  # bank rows come from earlier images: never the anchor's instance
             bank_keys = -2 - torch.arange(num_bank, device=ids.device)

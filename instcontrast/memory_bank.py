@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ._checks import check_choice, check_positive
 from .distributed import all_gather_rows
+from .ops.normalize import l2_normalize
 
 __all__ = ["PixelMemoryBank"]
 
@@ -122,7 +123,7 @@ class PixelMemoryBank(nn.Module):
             keep = torch.randperm(embeddings.shape[0], generator=generator, device=embeddings.device)
             keep = keep[: self.pixels_per_step]
             embeddings, probs = embeddings[keep], probs[keep]
-        rows = torch.cat([torch.nn.functional.normalize(embeddings.float(), dim=1), probs.float()], dim=1)
+        rows = torch.cat([l2_normalize(embeddings, torch.float32), probs.float()], dim=1)  # (n, D + E)
         rows = all_gather_rows(rows)  # (n_total, D + E), identical on every rank
         rows = rows[-self.size :]  # a batch larger than the bank keeps its newest rows
         count = rows.shape[0]

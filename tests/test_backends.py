@@ -139,3 +139,82 @@ def test_blocked_gradcheck_float64() -> None:
     anchors = torch.randn(13, 3, dtype=torch.float64, requires_grad=True)
     pool = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, p: sampled_logsumexp_blocked(a, p, samples.blocks, 1.5), (anchors, pool))
+
+
+def _hand_blocks():
+    """Three blocks, repeated candidates and repeated columns, one block with per-round segments."""
+    from instcontrast import CandidateBlocks
+
+    return CandidateBlocks(
+        starts=(0, 3, 5),
+        candidates=(torch.tensor([4, 1, 1, 0]), torch.tensor([2, 3, 5, 0, 4]), torch.tensor([5, 2])),
+        columns=(
+            torch.tensor([[0, 1, 1], [3, 3, 3], [2, 0, 1]]),
+            torch.tensor([[0, 2, 1], [4, 3, 0]]),  # row 0 only in round 1 (columns 0..2)
+            torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 1]]),
+        ),
+        num_negatives=3,
+        segments=(
+            ((None, 0, 4),),
+            ((None, 0, 3), (torch.tensor([1]), 3, 5)),
+            ((None, 0, 2),),
+        ),
+    )
+
+
+def test_blocked_backward_over_several_blocks_with_repeated_columns_matches_reference() -> None:
+    # repeats add up: a column chosen twice by an anchor (and a candidate listed twice) counts twice
+    from instcontrast.ops.chunked import sampled_logsumexp_blocked
+
+    blocks = _hand_blocks()
+    generator = torch.Generator().manual_seed(0)
+    anchors = torch.randn(8, 4, generator=generator)
+    pool = torch.randn(6, 4, generator=generator)
+    upstream = torch.randn(8, generator=generator)
+    a_ref, p_ref = anchors.clone().requires_grad_(), pool.clone().requires_grad_()
+    a_blk, p_blk = anchors.clone().requires_grad_(), pool.clone().requires_grad_()
+    ref = sampled_logsumexp_reference(a_ref, p_ref, blocks.to_index(), 2.0)
+    blk = sampled_logsumexp_blocked(a_blk, p_blk, blocks, 2.0)
+    torch.testing.assert_close(blk, ref)
+    (ref * upstream).sum().backward()
+    (blk * upstream).sum().backward()
+    torch.testing.assert_close(a_blk.grad, a_ref.grad)
+    torch.testing.assert_close(p_blk.grad, p_ref.grad)
+
+
+def test_blocked_gradcheck_float64_over_several_blocks() -> None:
+    from instcontrast.ops.chunked import sampled_logsumexp_blocked
+
+    blocks = _hand_blocks()
+    anchors = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    pool = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, p: sampled_logsumexp_blocked(a, p, blocks, 1.5), (anchors, pool))
+
+
+def test_chunked_backward_over_several_anchor_blocks_with_an_uneven_tail() -> None:
+    anchors, pool, index = _inputs(11, 6, 5, 4)
+    upstream = torch.linspace(-1.0, 2.0, 11)  # distinct per anchor, so a misplaced block shows
+    a_ref, p_ref = anchors.clone().requires_grad_(), pool.clone().requires_grad_()
+    (sampled_logsumexp_reference(a_ref, p_ref, index, 3.0) * upstream).sum().backward()
+    for block_size in (2, 4, 5):
+        a_chk, p_chk = anchors.clone().requires_grad_(), pool.clone().requires_grad_()
+        (sampled_logsumexp_chunked(a_chk, p_chk, index, 3.0, block_size=block_size) * upstream).sum().backward()
+        torch.testing.assert_close(a_chk.grad, a_ref.grad)
+        torch.testing.assert_close(p_chk.grad, p_ref.grad)
+
+
+def test_the_triton_install_hint_has_one_home_below_backend_and_kernels() -> None:
+    import ast
+    from pathlib import Path
+
+    import instcontrast
+
+    package = Path(instcontrast.__file__).parent
+
+    def imported_modules(relative: str) -> set[str]:
+        tree = ast.parse((package / relative).read_text())
+        return {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level > 0}
+
+    assert imported_modules("_extras.py") == set()  # imports nothing from the package
+    assert "_backend" not in imported_modules("ops/triton.py")  # no _backend <-> ops.triton circle
+    assert "_extras" in imported_modules("ops/triton.py") and "_extras" in imported_modules("_backend.py")

@@ -142,3 +142,67 @@ def test_no_anchors_gives_zero_attached_to_graph() -> None:
 def test_bad_input_raises_naming_the_argument(call, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_pixel_info_nce_positive_is_the_strong_view_not_the_anchor() -> None:
+    # non-unit, non-parallel vectors: cos+ = <(.6,.8), (0,1)> = 0.8, cos- = 0.6 and -0.8
+    anchors = torch.tensor([[3.0, 4.0]])
+    positives = torch.tensor([[0.0, 2.0]])
+    pool = torch.tensor([[1.0, 0.0], [0.0, -3.0]])
+    index = torch.tensor([[0, 1, 0]])
+    t = 0.5
+    expected = -math.log(math.exp(0.8 / t) / (math.exp(0.8 / t) + 2 * math.exp(0.6 / t) + math.exp(-0.8 / t)))
+    for backend in ("reference", "chunked"):
+        value = pixel_info_nce(anchors, positives, pool, index, temperature=t, backend=backend)
+        assert value.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_pixel_hinge_normalizes_the_positive() -> None:
+    anchors = torch.tensor([[3.0, 4.0], [0.0, -2.0]])  # units (.6, .8), (0, -1)
+    positives = torch.tensor([[0.0, 5.0], [4.0, -3.0]])  # units (0, 1), (.8, -.6): cos+ = .8, .6
+    pool = torch.tensor([[1.0, 0.0], [-2.0, 0.0], [0.0, 7.0]])
+    index = torch.tensor([[0, 1], [2, 0]])
+    # anchor 0: cos- = .6, -.6 -> (max(0, .3-.8+.6) + max(0, .3-.8-.6)) / 2 = .05
+    # anchor 1: cos- = -1, 0  -> (max(0, .3-.6-1) + max(0, .3-.6+0)) / 2 = 0
+    per_anchor = pixel_hinge(anchors, positives, pool, index, margin=0.3, reduction="none")
+    torch.testing.assert_close(per_anchor, torch.tensor([0.05, 0.0]))
+    positives_far = torch.tensor([[0.0, 5.0], [-4.0, 3.0]])  # anchor 1: cos+ = -.6
+    # anchor 1: (max(0, .3+.6-1) + max(0, .3+.6+0)) / 2 = .45
+    per_anchor = pixel_hinge(anchors, positives_far, pool, index, margin=0.3, reduction="none")
+    torch.testing.assert_close(per_anchor, torch.tensor([0.05, 0.45]))
+
+
+def _hand_blocks():
+    """Three blocks, repeated candidates and repeated columns, one block with per-round segments."""
+    from instcontrast import CandidateBlocks
+
+    return CandidateBlocks(
+        starts=(0, 3, 5),
+        candidates=(torch.tensor([4, 1, 1, 0]), torch.tensor([2, 3, 5, 0, 4]), torch.tensor([5, 2])),
+        columns=(
+            torch.tensor([[0, 1, 1], [3, 3, 3], [2, 0, 1]]),
+            torch.tensor([[0, 2, 1], [4, 3, 0]]),  # row 0 only in round 1 (columns 0..2)
+            torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 1]]),
+        ),
+        num_negatives=3,
+        segments=(
+            ((None, 0, 4),),
+            ((None, 0, 3), (torch.tensor([1]), 3, 5)),
+            ((None, 0, 2),),
+        ),
+    )
+
+
+def test_empirical_margin_on_candidate_blocks_averages_over_all_a_times_r_negatives() -> None:
+    blocks = _hand_blocks()
+    generator = torch.Generator().manual_seed(3)
+    anchors = 3 * torch.randn(8, 4, generator=generator)
+    positives = 0.5 * torch.randn(8, 4, generator=generator)
+    pool = 2 * torch.randn(6, 4, generator=generator)
+    index = blocks.to_index()  # (8, 3)
+    unit = lambda x: x / x.norm(dim=-1, keepdim=True)
+    positive_cos = (unit(anchors) * unit(positives)).sum(-1)  # (8,)
+    negative_cos = (unit(anchors)[:, None, :] * unit(pool)[index]).sum(-1)  # (8, 3)
+    expected = positive_cos.mean() - negative_cos.mean()
+    torch.testing.assert_close(empirical_margin(anchors, positives, pool, blocks), expected)
+    torch.testing.assert_close(empirical_margin(anchors, positives, pool, index), expected)

@@ -228,3 +228,92 @@ def test_loss_of_identical_embeddings_is_log_one_plus_r() -> None:
     z = torch.ones(1, 4, 3, 3)
     out = InstanceAwarePixelContrast(num_negatives=16, strategy="uniform")(z, z)
     assert math.isclose(out.loss.item(), math.log(17), rel_tol=1e-6)
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # (B·h·w, D)
+
+
+def _instance_keys(ids: torch.Tensor, height: int, width: int, ignore: int = -1) -> torch.Tensor:
+    """Per feature pixel, a key unique across images (-1 = ignored), from nearest-resized ids."""
+    resized = torch.nn.functional.interpolate(ids[:, None].double(), size=(height, width), mode="nearest")[:, 0].long()
+    image = torch.arange(ids.shape[0])[:, None, None].expand_as(resized)
+    keys = image * 1000 + resized
+    return torch.where(resized == ignore, torch.full_like(keys, -1), keys).reshape(-1)
+
+
+@pytest.mark.parametrize("loss_type", ["infonce", "hinge"])
+def test_every_stats_field_and_the_loss_match_an_independent_computation(loss_type: str) -> None:
+    z_weak, z_strong, mask_logits, class_logits = _batch(seed=4)
+    z_weak, z_strong = 3 * z_weak, 0.5 * z_strong + 0.4 * z_weak  # non-unit, positives not parallel
+    generator = torch.Generator().manual_seed(7)
+    valid = torch.rand(2, 5, 7, generator=generator) > 0.2
+    ids = torch.randint(0, 3, (2, 10, 14), generator=generator)
+    ids[0, :2] = -1  # some ignored pixels
+    crit = InstanceAwarePixelContrast(temperature=0.3, num_negatives=6, loss=loss_type, margin=0.4)
+    out = crit(z_weak, z_strong, mask_logits, class_logits, valid=valid, instance_ids=ids, generator=generator)
+
+    pool_rows = valid.reshape(-1).nonzero(as_tuple=True)[0]  # (M,)
+    anchors = out.anchor_index  # (A,)
+    index = out.negative_index  # (A, R) into the pool
+    weak, strong = _unit(_flat(z_weak))[anchors], _unit(_flat(z_strong))
+    positive_cos = (weak * strong[anchors]).sum(-1)  # (A,)
+    negative_cos = (weak[:, None, :] * strong[pool_rows][index]).sum(-1)  # (A, R)
+    stats = out.stats
+    assert stats.num_anchors == stats.total_anchors == anchors.numel() == int(valid.sum())
+    assert stats.pool_size == int(valid.sum()) and stats.bank_candidates == 0
+    assert 0.0 < stats.acceptance <= 1.0 and stats.rounds >= 1
+    assert stats.fallbacks == 0 and stats.fallback_anchors == 0
+    assert stats.positive_cosine == pytest.approx(float(positive_cos.mean()), abs=1e-5)
+    assert stats.negative_cosine == pytest.approx(float(negative_cos.mean()), abs=1e-5)
+    assert stats.margin == pytest.approx(float(positive_cos.mean() - negative_cos.mean()), abs=1e-5)
+    keys = _instance_keys(ids, 5, 7)
+    anchor_keys, negative_keys = keys[anchors], keys[pool_rows][index]  # (A,), (A, R)
+    countable = (anchor_keys[:, None] != -1) & (negative_keys != -1)
+    same = countable & (negative_keys == anchor_keys[:, None])
+    assert 0 < int(same.sum()) < int(countable.sum()) < index.numel()
+    assert stats.fnr == pytest.approx(float(same.sum()) / float(countable.sum()), abs=1e-6)
+    if loss_type == "infonce":
+        logits = torch.cat([positive_cos[:, None], negative_cos], dim=1) / 0.3  # (A, 1 + R)
+        expected = (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+    else:
+        expected = (0.4 - positive_cos[:, None] + negative_cos).clamp_min(0).mean()
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_false_negative_rate_with_bank_negatives_counts_them_as_other_instances() -> None:
+    z_weak, z_strong, mask_logits, class_logits = _batch(seed=5)
+    bank = PixelMemoryBank(embedding_dim=6, prob_dim=4 + 3 + 1, size=200, pixels_per_step=None)
+    crit = InstanceAwarePixelContrast(num_negatives=8, memory_bank=bank)
+    crit(z_weak, z_strong, mask_logits, class_logits)  # fills 70 bank rows
+    ids = torch.zeros(2, 10, 14, dtype=torch.long)  # one instance per image, but a -1 stripe
+    ids[:, :, :4] = -1
+    out = crit.eval()(z_weak, z_strong, mask_logits, class_logits, instance_ids=ids, generator=torch.Generator().manual_seed(2))
+    index = out.negative_index  # (70, 8): rows >= 70 are bank rows
+    assert out.stats.bank_candidates == 70 and (index >= 70).any() and (index < 70).any()
+    keys = _instance_keys(ids, 5, 7)  # batch pool = every pixel, in flat order
+    bank_keys = -2 - torch.arange(70)  # bank rows: never anyone's instance, never ignored
+    pool_keys = torch.cat([keys, bank_keys])
+    anchor_keys, negative_keys = keys[out.anchor_index], pool_keys[index]
+    countable = (anchor_keys[:, None] != -1) & (negative_keys != -1)
+    same = countable & (negative_keys == anchor_keys[:, None])
+    assert out.stats.fnr == pytest.approx(float(same.sum()) / float(countable.sum()), abs=1e-6)
+    batch_only = countable & (index < 70)
+    assert out.stats.fnr < float(same.sum()) / float(batch_only.sum())  # bank negatives dilute the rate
+
+
+def test_the_generator_alone_decides_anchor_subsampling_and_negatives() -> None:
+    z_weak, z_strong, mask_logits, class_logits = _batch(seed=6)
+    crit = InstanceAwarePixelContrast(num_negatives=5, max_anchors=20)
+    outs = []
+    for seed in (11, 11, 12):
+        torch.manual_seed(seed + 100)  # the global stream must not matter
+        outs.append(crit(z_weak, z_strong, mask_logits, class_logits, generator=torch.Generator().manual_seed(seed)))
+    assert torch.equal(outs[0].anchor_index, outs[1].anchor_index) and torch.equal(outs[0].negative_index, outs[1].negative_index)
+    assert not torch.equal(outs[0].anchor_index, outs[2].anchor_index)
+    exact = InstanceAwarePixelContrast(num_negatives=5, max_anchors=70)(z_weak, z_strong, mask_logits, class_logits)
+    assert exact.anchor_index.tolist() == list(range(70))  # max_anchors == valid pixels keeps them all, in order

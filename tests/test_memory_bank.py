@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
@@ -133,3 +134,79 @@ def test_bank_negatives_change_the_loss_as_computed_by_hand() -> None:
     assert (out.negative_index == 2).all() and out.stats.fallbacks == 0
     expected = -math.log(math.exp(1 / 0.5) / (math.exp(1 / 0.5) + 4 * math.exp(0.6 / 0.5)))
     assert out.loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_fifo_order_after_the_ring_wrapped_several_times() -> None:
+    size = 5
+    bank = PixelMemoryBank(embedding_dim=3, prob_dim=2, size=size, pixels_per_step=None)
+    ring: list[int | None] = [None] * size  # what each slot should hold: the row number
+    pointer, written = 0, 0
+    for count in [3, 4, 2, 6, 1, 5, 7]:  # 28 rows: wraps five times, twice with a batch > size
+        rows = list(range(written, written + count))[-size:]
+        bank.enqueue(_rows(written, count), torch.rand(count, 2))
+        for row in rows:
+            ring[pointer] = row
+            pointer = (pointer + 1) % size
+        written += count
+        stored = ((bank.embeddings[:, 0] / bank.embeddings[:, 1]).round() - 1).long().tolist()
+        assert stored[: int(bank.filled)] == ring[: int(bank.filled)]
+        assert int(bank.pointer) == pointer
+    assert int(bank.filled) == size
+    assert set(ring) == set(range(written - size, written))  # the newest `size` rows, nothing older
+
+
+def test_enqueue_with_a_tensor_that_requires_grad_stores_a_detached_copy() -> None:
+    bank = PixelMemoryBank(embedding_dim=3, prob_dim=2, size=4, pixels_per_step=None)
+    embeddings = torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, 2.0]], requires_grad=True)
+    probs = torch.tensor([[0.6, 0.8], [1.0, 0.0]], requires_grad=True)
+    assert bank.enqueue(embeddings * 1.0, probs * 1.0) == 2
+    for buffer in bank.buffers():
+        assert not buffer.requires_grad and buffer.grad_fn is None
+    torch.testing.assert_close(bank.embeddings[:2], torch.tensor([[0.6, 0.8, 0.0], [0.0, 0.0, 1.0]]))
+    torch.testing.assert_close(bank.probs[:2], probs.detach())
+    (embeddings.sum() + probs.sum()).backward()  # the caller's graph is untouched
+    assert torch.equal(embeddings.grad, torch.ones(2, 3))
+    torch.save(bank.state_dict(), io.BytesIO())  # a buffer with a graph could not be saved like this
+
+
+def test_training_call_stores_the_strong_view_and_its_fused_probabilities() -> None:
+    generator = torch.Generator().manual_seed(0)
+    z_weak = torch.randn(2, 4, 3, 3, generator=generator)
+    z_strong = 5 * torch.randn(2, 4, 3, 3, generator=generator)
+    mask_logits = torch.randn(2, 3, 6, 6, generator=generator)
+    class_logits = torch.randn(2, 3, 4, generator=generator)
+    valid = torch.rand(2, 3, 3, generator=generator) > 0.3
+    bank = PixelMemoryBank(embedding_dim=4, prob_dim=3 + 4, size=64, pixels_per_step=None)
+    InstanceAwarePixelContrast(num_negatives=4, memory_bank=bank)(z_weak, z_strong, mask_logits, class_logits, valid=valid)
+    count = int(valid.sum())
+    assert int(bank.filled) == count
+    flat_strong = z_strong.permute(0, 2, 3, 1).reshape(-1, 4)[valid.reshape(-1)]
+    torch.testing.assert_close(bank.embeddings[:count], flat_strong / flat_strong.norm(dim=1, keepdim=True))
+    probs = fused_probability(mask_logits, class_logits, (3, 3)).reshape(-1, 7)[valid.reshape(-1)]
+    torch.testing.assert_close(bank.probs[:count], probs)
+
+
+def test_defaults_are_the_papers_bank() -> None:
+    bank = PixelMemoryBank(embedding_dim=3, prob_dim=2)
+    assert (bank.size, bank.pixels_per_step, bank.warmup) == (10_000, 1024, "immediate")
+    assert bank.embeddings.shape == (10_000, 3) and bank.probs.shape == (10_000, 2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"embedding_dim": 0}, "embedding_dim must be a positive int"),
+        ({"embedding_dim": 2.5}, "embedding_dim must be a positive int"),
+        ({"prob_dim": 0}, "prob_dim must be a positive int"),
+        ({"prob_dim": 2.5}, "prob_dim must be a positive int"),
+        ({"size": 0}, "size must be a positive int"),
+        ({"size": 7.5}, "size must be a positive int"),
+        ({"pixels_per_step": 0}, "pixels_per_step must be a positive int"),
+        ({"pixels_per_step": 1.5}, "pixels_per_step must be a positive int"),
+        ({"warmup": "later"}, "warmup must be one of"),
+    ],
+)
+def test_bad_constructor_arguments_raise_naming_the_argument(kwargs: dict, message: str) -> None:
+    arguments = {"embedding_dim": 3, "prob_dim": 2, "size": 8} | kwargs
+    with pytest.raises(ValueError, match=message):
+        PixelMemoryBank(**arguments)

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._backend import TRITON_INSTALL_HINT
+from .._extras import TRITON_INSTALL_HINT
 from .chunked import accumulation_dtype
 
 try:
