@@ -896,7 +896,7 @@ def train(
                 }
                 log.write(last_train)
                 history.append(last_train)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in means.items()}, refresh=False)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in means.items() if "/" not in k}, refresh=False)  # sub-terms: jsonl
                 window = _Window()
 
             # ---- evaluate (rank 0; RNG states saved and restored so training is unaffected)

@@ -95,6 +95,23 @@ class InstancePredictions:
         )
 
 
+def check_query_outputs(mask_logits: Tensor, class_logits: Tensor) -> None:
+    """Check one image's per-query outputs: ``(K, h, w)`` mask and ``(K, C + 1)`` class logits, finite.
+
+    Raises:
+        ValueError: on mismatched shapes, ``C < 1`` or non-finite logits.
+    """
+    if mask_logits.ndim != 3 or class_logits.ndim != 2 or mask_logits.shape[0] != class_logits.shape[0]:
+        raise ValueError(
+            f"expected mask_logits (K, h, w) and class_logits (K, C+1) with equal K, got "
+            f"{tuple(mask_logits.shape)} and {tuple(class_logits.shape)}"
+        )
+    if class_logits.shape[1] < 2:
+        raise ValueError(f"class_logits needs at least one class plus no-object, got {tuple(class_logits.shape)}")
+    if not (bool(torch.isfinite(mask_logits).all()) and bool(torch.isfinite(class_logits).all())):
+        raise ValueError("mask_logits and class_logits must be finite")
+
+
 def postprocess_mask2former(
     mask_logits: Tensor,
     class_logits: Tensor,
@@ -119,17 +136,9 @@ def postprocess_mask2former(
     Raises:
         ValueError: on mismatched shapes, ``C < 1``, ``top_k < 1`` or non-finite logits.
     """
-    if mask_logits.ndim != 3 or class_logits.ndim != 2 or mask_logits.shape[0] != class_logits.shape[0]:
-        raise ValueError(
-            f"expected mask_logits (K, h, w) and class_logits (K, C+1) with equal K, got "
-            f"{tuple(mask_logits.shape)} and {tuple(class_logits.shape)}"
-        )
-    if class_logits.shape[1] < 2:
-        raise ValueError(f"class_logits needs at least one class plus no-object, got {tuple(class_logits.shape)}")
+    check_query_outputs(mask_logits, class_logits)
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if not (torch.isfinite(mask_logits).all() and torch.isfinite(class_logits).all()):
-        raise ValueError("mask_logits and class_logits must be finite")
     num_queries, num_classes = class_logits.shape[0], class_logits.shape[1] - 1
     with torch.no_grad():
         probs = class_logits.float().softmax(dim=-1)[:, :-1]  # (K, C)

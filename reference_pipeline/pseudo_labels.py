@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .data.structures import InstanceSample
-from .evaluate import InstancePredictions, evaluate_coco_masks
+from .evaluate import InstancePredictions, check_query_outputs, evaluate_coco_masks
 from .models.outputs import InstanceTargets, SegmentationOutput
 
 __all__ = [
@@ -184,15 +184,7 @@ def pseudo_label(
             grid that does not match ``image_size``.
     """
     config = config if config is not None else PseudoLabelConfig()
-    if mask_logits.ndim != 3 or class_logits.ndim != 2 or mask_logits.shape[0] != class_logits.shape[0]:
-        raise ValueError(
-            f"expected mask_logits (K, h, w) and class_logits (K, C+1) with equal K, got "
-            f"{tuple(mask_logits.shape)} and {tuple(class_logits.shape)}"
-        )
-    if class_logits.shape[1] < 2:
-        raise ValueError(f"class_logits needs at least one class plus no-object, got {tuple(class_logits.shape)}")
-    if not (bool(torch.isfinite(mask_logits).all()) and bool(torch.isfinite(class_logits).all())):
-        raise ValueError("mask_logits and class_logits must be finite")
+    check_query_outputs(mask_logits, class_logits)
     height, width = int(image_size[0]), int(image_size[1])
     device = mask_logits.device
     with torch.no_grad():

@@ -241,10 +241,15 @@ def write_report(cfg: PipelineConfig, results: Mapping[str, Mapping[str, float]]
         lines += [("Unlabeled images: ground truth (never used for training), the adapted teacher's pseudo-labels, "
                   "and the refined student's predictions."), "", "![Overlays](overlays.png)", ""]
     lines += ["## Steps per stage", ""]
+    folders = {"teacher_finetune": "teacher_finetune", "teacher_self_train": "teacher_adapted",
+               "distill": "student_distill", "refine": "student_refine", "baseline": "student_supervised"}
     for stage in ("teacher_pretrain", "teacher_finetune", "teacher_self_train", "distill", "refine", "baseline"):
         stage_cfg = getattr(cfg, stage)
+        records = _train_records(read_metrics(run / folders.get(stage, "-") / "metrics.jsonl"))
+        shares = [float(r["data_share"]) for r in records if "data_share" in r]
+        timing = f"; data loading {np.mean(shares):.1%} of step time" if shares else ""
         lines.append(f"- `{stage}`: {stage_cfg.train.steps} steps × batch {stage_cfg.train.batch_size}, "
-                     f"λ_semi {stage_cfg.lambda_semi}, λ_pxl {stage_cfg.lambda_pxl}")
+                     f"λ_semi {stage_cfg.lambda_semi}, λ_pxl {stage_cfg.lambda_pxl}{timing}")
     path = run / "report.md"
     tmp = path.with_name(".report.md.tmp")
     tmp.write_text("\n".join(lines) + "\n")

@@ -60,6 +60,7 @@ from .engine import _barrier, distributed_info, train
 from .inference import evaluate_model, predict_dataset
 from .losses import SetCriterion, pixel_contrast_term, unified_objective
 from .models.outputs import InstanceTargets, SegmentationOutput
+from .models.demo import DEMO_TEACHER_NAME
 from .models.student import Student, count_parameters
 from .pipeline_config import ContrastConfig, PipelineConfig, StageConfig
 from .pseudo_labels import pseudo_label, pseudo_label_quality
@@ -539,9 +540,12 @@ def pretrained_teacher(cfg: PipelineConfig, datasets: Datasets, *, progress: boo
     if datasets.source is None:
         raise ValueError("teacher_kind=demo needs the synthetic dataset's source domain (data.format=synthetic)")
     cache = demo_teacher_cache(cfg)
+    logger.info("teacher: %s (%.2f M parameters)", DEMO_TEACHER_NAME, count_parameters(teacher) / 1e6)
     if (cache / WEIGHTS_FILE).is_file() and (cache / "result.json").is_file():
         load_weights(teacher, cache / WEIGHTS_FILE)
+        logger.info("demo teacher: loaded its source-domain pretraining from %s", cache)
         return teacher, 0.0
+    logger.info("demo teacher: pretraining on the source domain (cached in %s for later runs)", cache)
     source_only = Datasets(datasets.source, datasets.unlabeled, datasets.val, None, datasets.class_names)
     pretrain_cfg = _at_run_dir(cfg, cache.parent)
     result = train_stage(cache.name, teacher, pretrain_cfg, cfg.teacher_pretrain, source_only, progress=progress,

@@ -141,32 +141,11 @@ def test_blocked_gradcheck_float64() -> None:
     assert torch.autograd.gradcheck(lambda a, p: sampled_logsumexp_blocked(a, p, samples.blocks, 1.5), (anchors, pool))
 
 
-def _hand_blocks():
-    """Three blocks, repeated candidates and repeated columns, one block with per-round segments."""
-    from instcontrast import CandidateBlocks
-
-    return CandidateBlocks(
-        starts=(0, 3, 5),
-        candidates=(torch.tensor([4, 1, 1, 0]), torch.tensor([2, 3, 5, 0, 4]), torch.tensor([5, 2])),
-        columns=(
-            torch.tensor([[0, 1, 1], [3, 3, 3], [2, 0, 1]]),
-            torch.tensor([[0, 2, 1], [4, 3, 0]]),  # row 0 only in round 1 (columns 0..2)
-            torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 1]]),
-        ),
-        num_negatives=3,
-        segments=(
-            ((None, 0, 4),),
-            ((None, 0, 3), (torch.tensor([1]), 3, 5)),
-            ((None, 0, 2),),
-        ),
-    )
-
-
-def test_blocked_backward_over_several_blocks_with_repeated_columns_matches_reference() -> None:
+def test_blocked_backward_over_several_blocks_with_repeated_columns_matches_reference(hand_blocks) -> None:
     # repeats add up: a column chosen twice by an anchor (and a candidate listed twice) counts twice
     from instcontrast.ops.chunked import sampled_logsumexp_blocked
 
-    blocks = _hand_blocks()
+    blocks = hand_blocks  # three blocks, repeated candidates and columns, per-round segments (conftest)
     generator = torch.Generator().manual_seed(0)
     anchors = torch.randn(8, 4, generator=generator)
     pool = torch.randn(6, 4, generator=generator)
@@ -182,10 +161,10 @@ def test_blocked_backward_over_several_blocks_with_repeated_columns_matches_refe
     torch.testing.assert_close(p_blk.grad, p_ref.grad)
 
 
-def test_blocked_gradcheck_float64_over_several_blocks() -> None:
+def test_blocked_gradcheck_float64_over_several_blocks(hand_blocks) -> None:
     from instcontrast.ops.chunked import sampled_logsumexp_blocked
 
-    blocks = _hand_blocks()
+    blocks = hand_blocks  # three blocks, repeated candidates and columns, per-round segments (conftest)
     anchors = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
     pool = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, p: sampled_logsumexp_blocked(a, p, blocks, 1.5), (anchors, pool))

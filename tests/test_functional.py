@@ -172,29 +172,8 @@ def test_pixel_hinge_normalizes_the_positive() -> None:
     torch.testing.assert_close(per_anchor, torch.tensor([0.05, 0.45]))
 
 
-def _hand_blocks():
-    """Three blocks, repeated candidates and repeated columns, one block with per-round segments."""
-    from instcontrast import CandidateBlocks
-
-    return CandidateBlocks(
-        starts=(0, 3, 5),
-        candidates=(torch.tensor([4, 1, 1, 0]), torch.tensor([2, 3, 5, 0, 4]), torch.tensor([5, 2])),
-        columns=(
-            torch.tensor([[0, 1, 1], [3, 3, 3], [2, 0, 1]]),
-            torch.tensor([[0, 2, 1], [4, 3, 0]]),  # row 0 only in round 1 (columns 0..2)
-            torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 1]]),
-        ),
-        num_negatives=3,
-        segments=(
-            ((None, 0, 4),),
-            ((None, 0, 3), (torch.tensor([1]), 3, 5)),
-            ((None, 0, 2),),
-        ),
-    )
-
-
-def test_empirical_margin_on_candidate_blocks_averages_over_all_a_times_r_negatives() -> None:
-    blocks = _hand_blocks()
+def test_empirical_margin_on_candidate_blocks_averages_over_all_a_times_r_negatives(hand_blocks) -> None:
+    blocks = hand_blocks  # three blocks, repeated candidates and columns, per-round segments (conftest)
     generator = torch.Generator().manual_seed(3)
     anchors = 3 * torch.randn(8, 4, generator=generator)
     positives = 0.5 * torch.randn(8, 4, generator=generator)
