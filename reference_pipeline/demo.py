@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from . import stages
-from .engine import distributed_info
 from .config import save_config
+from .engine import distributed_info
 from .pipeline_config import PipelineConfig
 from .report import write_report
 

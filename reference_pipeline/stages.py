@@ -59,8 +59,8 @@ from .data.synthetic import SyntheticConfig, generate_dataset, load_synthetic_sp
 from .engine import _barrier, distributed_info, train
 from .inference import evaluate_model, predict_dataset
 from .losses import SetCriterion, pixel_contrast_term, unified_objective
-from .models.outputs import InstanceTargets, SegmentationOutput
 from .models.demo import DEMO_TEACHER_NAME
+from .models.outputs import InstanceTargets, SegmentationOutput
 from .models.student import Student, count_parameters
 from .pipeline_config import ContrastConfig, PipelineConfig, StageConfig
 from .pseudo_labels import pseudo_label, pseudo_label_quality
