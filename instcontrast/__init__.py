@@ -29,9 +29,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
-    "CandidateBlocks",
     "SCORES",
     "STRATEGIES",
+    "CandidateBlocks",
     "ContrastOutput",
     "ContrastStats",
     "InstanceAwarePixelContrast",
@@ -39,6 +39,7 @@ __all__ = [
     "NegativeSamples",
     "PixelMemoryBank",
     "ViewGeometry",
+    "__version__",
     "align_views",
     "debias_score",
     "empirical_margin",
@@ -47,5 +48,4 @@ __all__ = [
     "pixel_hinge",
     "pixel_info_nce",
     "resolve_backend",
-    "__version__",
 ]

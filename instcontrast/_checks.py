@@ -12,10 +12,10 @@ __all__ = [
     "check_choice",
     "check_embeddings",
     "check_finite",
-    "check_predictions",
-    "check_positive",
-    "check_valid_mask",
     "check_instance_ids",
+    "check_positive",
+    "check_predictions",
+    "check_valid_mask",
     "extract_predictions",
 ]
 

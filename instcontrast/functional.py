@@ -21,15 +21,15 @@ from .ops.chunked import accumulation_dtype, block_scores, default_block_size, s
 from .ops.normalize import l2_normalize
 
 __all__ = [
-    "STRATEGIES",
-    "SCORES",
     "REDUCTIONS",
-    "fused_probability",
+    "SCORES",
+    "STRATEGIES",
     "debias_score",
-    "pixel_info_nce",
-    "pixel_hinge",
-    "false_negative_rate",
     "empirical_margin",
+    "false_negative_rate",
+    "fused_probability",
+    "pixel_hinge",
+    "pixel_info_nce",
     "positive_similarity",
 ]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["touching_instances", "noisy_predictions"]
+__all__ = ["noisy_predictions", "touching_instances"]
 
 
 def touching_instances(

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ViewGeometry", "align_views", "view_to_image", "image_to_view"]
+__all__ = ["ViewGeometry", "align_views", "image_to_view", "view_to_image"]
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class ViewGeometry:
             raise ValueError("ViewGeometry.boxes must satisfy x1 > x0 and y1 > y0 for every view")
 
     @staticmethod
-    def identity(batch_size: int, device: torch.device | str | None = None) -> "ViewGeometry":
+    def identity(batch_size: int, device: torch.device | str | None = None) -> ViewGeometry:
         """The whole image, not flipped, for ``batch_size`` views."""
         boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=device).repeat(batch_size, 1)
         return ViewGeometry(boxes, torch.zeros(batch_size, dtype=torch.bool, device=device))

@@ -24,11 +24,11 @@ from torch import Tensor
 from .._amp import without_autocast
 
 __all__ = [
-    "sampled_logsumexp_chunked",
-    "sampled_logsumexp_blocked",
+    "accumulation_dtype",
     "block_scores",
     "default_block_size",
-    "accumulation_dtype",
+    "sampled_logsumexp_blocked",
+    "sampled_logsumexp_chunked",
 ]
 
 _TARGET_BLOCK_BYTES = 2 * 1024 * 1024  # one gathered block of negatives, sized to stay in cache

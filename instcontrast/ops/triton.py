@@ -46,7 +46,7 @@ except ImportError as error:  # pragma: no cover - exercised only without triton
         f"instcontrast.ops.triton needs the triton package (and a CUDA GPU): {TRITON_INSTALL_HINT}"
     ) from error
 
-__all__ = ["sampled_logsumexp_triton", "SUPPORTED_DTYPES"]
+__all__ = ["SUPPORTED_DTYPES", "sampled_logsumexp_triton"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 """Floating dtypes accepted for ``anchors`` and ``pool`` (float64 accumulates in float64)."""
