@@ -61,7 +61,11 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         help="override a config value, e.g. --set distill.train.steps=200 (repeatable; nested keys with dots)",
     )
     parser.add_argument("--run-dir", help="shortcut for --set run_dir=PATH")
-    parser.add_argument("--no-resume", action="store_true", help="start stages from scratch instead of resuming")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the run directory's checkpoints (the default: finished stages are skipped, "
+                             "an interrupted one continues exactly where it stopped)")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="refuse to reuse a run directory's checkpoints (fails instead of overwriting them)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds per stage): a smoke test")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
