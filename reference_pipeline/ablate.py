@@ -77,6 +77,7 @@ __all__ = [
     "plan_cells",
     "run_ablations",
     "summarize",
+    "teacher_key",
     "training_fnr",
     "write_ablation_report",
 ]
