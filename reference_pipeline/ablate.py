@@ -660,13 +660,12 @@ def run_ablations(
     base_overrides += list(overrides)
     root = Path(run_dir) if run_dir is not None else Path(ablation.quick.root if quick else ablation.root)
     ctx = _Context(ablation, pipeline_path, base_overrides, root, resume, progress)
-    base = ctx.pipeline([])  # fail early on bad overrides
-    for table in (only or ablation.tables):
-        for row in ablation.tables.get(table, TableSpec("", "x", [RowSpec("x")])).rows:
-            ctx.pipeline(row.set)
+    cells = plan_cells(ablation, only, seed_count)
+    base = ctx.pipeline([])
+    for cell in cells[: len(cells) // seed_count]:  # fail before any training on a bad override
+        ctx.pipeline(cell.row.set)
     if base.threads > 0:
         torch.set_num_threads(base.threads)
-    cells = plan_cells(ablation, only, seed_count)
     root.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     bar = tqdm(total=len(cells), desc="ablation cells", unit="cell", disable=not progress, dynamic_ncols=True)

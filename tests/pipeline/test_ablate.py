@@ -27,6 +27,7 @@ from reference_pipeline.ablate import (
     run_ablations,
     summarize,
 )
+from reference_pipeline.config import ConfigError
 from reference_pipeline.pipeline_config import load_pipeline_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -125,6 +126,13 @@ def test_unknown_table_and_bad_rows_are_rejected_by_name() -> None:
     with pytest.raises(ValueError, match="default row 'x'"):
         TableSpec("t", "x", [RowSpec("a")])
     assert len(plan_cells(config, ["table4"], 3)) == 12
+
+
+def test_a_bad_override_is_rejected_by_name_before_anything_runs(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="strategyy"):
+        run_ablations(CONFIG, quick=True, only=["table4"], run_dir=tmp_path / "out", progress=False,
+                      overrides=["contrast.strategyy=uniform"])
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------ ablate --quick --only table4
