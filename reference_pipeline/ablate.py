@@ -327,7 +327,7 @@ class Agreement:
 def agreement(difference: Summary, expected: int | None, paper_difference: float | None = None) -> Agreement:
     """Whether a measured paired difference agrees with the paper's direction, and how it compares with the seed spread.
 
-    Rules: no seeds -> ``"not measured"``; ``n >= 2`` and ``|Δ̄| < s_Δ`` (or ``Δ̄ = 0``) -> ``"within noise"``; no paper
+    Rules: no seeds -> ``"not measured"``; ``n >= 2`` and ``|Δ̄| < s_Δ`` (or ``Δ̄ = 0`` exactly) -> ``"within noise"``; no paper
     value -> ``"no paper value"``; otherwise ``"agrees"`` when ``sign(Δ̄)`` equals the paper's sign
     (a paper difference of 0 agrees only with a measured difference of 0), else ``"disagrees"``.
 
@@ -347,7 +347,9 @@ def agreement(difference: Summary, expected: int | None, paper_difference: float
         else "one seed, so no spread estimate"
     )
     paper = f"paper Δ {paper_difference:+.1f}" if paper_difference is not None else "no paper number"
-    if difference.n >= 2 and (abs(difference.mean) < difference.std or difference.mean == 0):
+    if difference.mean == 0:
+        return Agreement("within noise", f"{measured}: no measurable difference ({spread}); {paper}")
+    if difference.n >= 2 and abs(difference.mean) < difference.std:
         return Agreement("within noise", f"{measured} is within noise ({spread}); {paper}")
     if expected is None:
         return Agreement("no paper value", f"{measured} ({spread}); {paper}")

@@ -77,6 +77,7 @@ def test_agreement_verdicts_on_hand_made_differences() -> None:
     noisy = agreement(Summary(-1.0, 1.5, 3), lower, -2.8)
     assert noisy.verdict == "within noise" and "within noise" in noisy.text
     assert agreement(Summary(0.0, 0.0, 2), lower).verdict == "within noise"
+    assert "no measurable difference" in agreement(Summary(0.0, math.nan, 1), lower).text
     assert agreement(Summary(-1.0, 0.3, 3), None).verdict == "no paper value"
     assert agreement(Summary(math.nan, math.nan, 0), lower).verdict == "not measured"
     single = agreement(Summary(-1.0, math.nan, 1), lower, -2.8)
