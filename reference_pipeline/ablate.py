@@ -328,8 +328,8 @@ def agreement(difference: Summary, expected: int | None, paper_difference: float
     """Whether a measured paired difference agrees with the paper's direction, and how it compares with the seed spread.
 
     Rules: no seeds -> ``"not measured"``; ``n >= 2`` and ``|Δ̄| < s_Δ`` (or ``Δ̄ = 0`` exactly) -> ``"within noise"``; no paper
-    value -> ``"no paper value"``; otherwise ``"agrees"`` when ``sign(Δ̄)`` equals the paper's sign
-    (a paper difference of 0 agrees only with a measured difference of 0), else ``"disagrees"``.
+    value -> ``"no paper value"``; otherwise ``"agrees"`` when ``sign(Δ̄)`` equals the paper's sign, else
+    ``"disagrees"`` (so a paper difference of 0 is contradicted by any difference beyond the spread).
 
     Args:
         difference: :func:`paired_difference` of the row against the default row.
