@@ -348,7 +348,7 @@ def agreement(difference: Summary, expected: int | None, paper_difference: float
     )
     paper = f"paper Δ {paper_difference:+.1f}" if paper_difference is not None else "no paper number"
     if difference.mean == 0:
-        return Agreement("within noise", f"{measured}: no measurable difference ({spread}); {paper}")
+        return Agreement("within noise", f"{measured}: no measurable difference, within noise ({spread}); {paper}")
     if difference.n >= 2 and abs(difference.mean) < difference.std:
         return Agreement("within noise", f"{measured} is within noise ({spread}); {paper}")
     if expected is None:
