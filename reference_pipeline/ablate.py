@@ -669,12 +669,11 @@ def run_ablations(
     if base.threads > 0:
         torch.set_num_threads(base.threads)
     root.mkdir(parents=True, exist_ok=True)
-    results: list[dict[str, Any]] = []
     bar = tqdm(total=len(cells), desc="ablation cells", unit="cell", disable=not progress, dynamic_ncols=True)
     try:
         for cell in cells:
             bar.set_postfix_str(cell.label)
-            results.append(run_cell(ctx, cell, status=bar))
+            run_cell(ctx, cell, status=bar)
             bar.update(1)
     finally:
         bar.close()
