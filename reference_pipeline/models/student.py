@@ -438,7 +438,8 @@ class _Neck(nn.Module):
         dpt_config = DPTConfig(
             hidden_size=encoder_channels[0],
             neck_hidden_sizes=list(config.reassemble_channels) if is_vit else list(encoder_channels),
-            reassemble_factors=list(config.reassemble_factors),
+            # transformers sizes its ConvTranspose2d kernels with the factor: 4.0 (a float read from YAML) must be 4
+            reassemble_factors=[int(f) if float(f).is_integer() else float(f) for f in config.reassemble_factors],
             fusion_hidden_size=config.neck_channels,
             readout_type="project",
             is_hybrid=False,
