@@ -493,30 +493,38 @@ def _autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManag
 
 
 class _Window:
-    """Running sums of the logged values since the last log step (saved in checkpoints)."""
+    """Running sums of the logged values since the last log step (saved in checkpoints).
+
+    A NaN value (e.g. a diagnostic that is undefined on one step) is left out of its key's mean
+    instead of turning the whole window's mean into NaN; a key that was NaN on every step logs NaN.
+    """
 
     def __init__(self) -> None:
         self.count = 0
         self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
         self.times = {"data_time": 0.0, "step_time": 0.0}
 
     def add(self, values: Mapping[str, float], data_time: float, step_time: float) -> None:
         if self.count and set(values) != set(self.sums):
             raise ValueError(f"step_fn returned terms {sorted(values)} but earlier steps returned {sorted(self.sums)}")
         for key, value in values.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
+            finite = not math.isnan(value)
+            self.sums[key] = self.sums.get(key, 0.0) + (value if finite else 0.0)
+            self.counts[key] = self.counts.get(key, 0) + int(finite)
         self.count += 1
         self.times["data_time"] += data_time
         self.times["step_time"] += step_time
 
     def means(self) -> dict[str, float]:
-        return {k: v / max(self.count, 1) for k, v in self.sums.items()}
+        return {k: v / self.counts[k] if self.counts.get(k) else math.nan for k, v in self.sums.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"count": self.count, "sums": dict(self.sums), "times": dict(self.times)}
+        return {"count": self.count, "sums": dict(self.sums), "counts": dict(self.counts), "times": dict(self.times)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.count, self.sums, self.times = int(state["count"]), dict(state["sums"]), dict(state["times"])
+        self.counts = dict(state.get("counts", {k: self.count for k in self.sums}))
 
 
 def _reduce_mean(values: dict[str, float], info: DistInfo, device: torch.device) -> dict[str, float]:

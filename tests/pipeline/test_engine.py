@@ -463,3 +463,19 @@ def test_ddp_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path):
     assert math.isclose(ddp["loss"], result.train_metrics["loss"], rel_tol=1e-6)
     for name, p in model.named_parameters():
         torch.testing.assert_close(ddp["grads"][name], p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_a_nan_diagnostic_is_left_out_of_its_window_mean_only() -> None:
+    from reference_pipeline.engine import _Window
+
+    window = _Window()
+    window.add({"loss": 1.0, "fnr": float("nan")}, 0.0, 0.0)
+    window.add({"loss": 3.0, "fnr": 0.25}, 0.0, 0.0)
+    means = window.means()
+    assert means == {"loss": 2.0, "fnr": 0.25}
+    restored = _Window()
+    restored.load_state_dict(window.state_dict())
+    assert restored.means() == means
+    only_nan = _Window()
+    only_nan.add({"fnr": float("nan")}, 0.0, 0.0)
+    assert math.isnan(only_nan.means()["fnr"])
