@@ -231,8 +231,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .engine import cleanup_distributed, init_distributed
 
     try:
-        init_distributed()  # under torchrun: one process group for every stage of the command
+        info = init_distributed()  # under torchrun: one process group for every stage of the command
         COMMANDS[args.command](args)
+        if info.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()  # every rank finished: tear the group down together
     except (ConfigError, FileNotFoundError, NotADirectoryError, PermissionError, CheckpointError, ValueError, OSError) as error:
         if getattr(args, "debug", False):
             raise

@@ -167,6 +167,7 @@ def _ddp_first_step(run_dir: Path, out: Path) -> None:
     if distributed_info().is_main:
         grads = {name: p.grad.clone() for name, p in model.named_parameters()}
         torch.save({"loss": result.train_metrics["loss"], "grads": grads, "world": distributed_info().world_size}, out)
+    torch.distributed.barrier()  # no rank tears the group down while another still uses it
     cleanup_distributed()
 
 
