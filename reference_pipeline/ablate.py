@@ -57,8 +57,8 @@ from tqdm.auto import tqdm
 from . import stages
 from .checkpoint import save_weights
 from .config import ConfigError, config_from_dict, config_to_dict
+from .engine import read_metrics
 from .pipeline_config import PipelineConfig, load_pipeline_config
-from .report import read_metrics
 
 __all__ = [
     "METRICS",

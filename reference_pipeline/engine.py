@@ -87,7 +87,6 @@ __all__ = [
     "DistInfo",
     "EpochAwareDataset",
     "EvaluateFn",
-    "PairedDataset",
     "ResumableBatchSampler",
     "Stateful",
     "StepFn",
@@ -97,7 +96,6 @@ __all__ = [
     "cleanup_distributed",
     "distributed_info",
     "init_distributed",
-    "load_trained",
     "move_to_device",
     "read_metrics",
     "train",
@@ -320,45 +318,6 @@ def _fetch(dataset: Any, index: int, epoch: int) -> Any:
     return getter(index, epoch) if callable(getter) else dataset[index]
 
 
-class PairedDataset:
-    """Pairs each item of ``primary`` with an item of ``secondary`` (e.g. labeled + unlabeled per step).
-
-    The length (and so the epoch) is that of ``primary``. Item ``i`` of epoch ``e`` is
-    ``(primary[i], secondary[j])`` with ``j = perm_e[i mod m]``, ``perm_e`` a permutation of the
-    ``m`` secondary items seeded by ``(seed, e)``; when ``secondary`` is the larger set, successive
-    epochs draw different parts of it. Both datasets receive the epoch if they are
-    :class:`EpochAwareDataset`.
-
-    Args:
-        primary: the dataset that defines the epoch.
-        secondary: the dataset sampled alongside.
-        seed: seed of the secondary order.
-
-    Raises:
-        ValueError: if either dataset is empty.
-    """
-
-    def __init__(self, primary: Any, secondary: Any, seed: int = 0) -> None:
-        if len(primary) == 0 or len(secondary) == 0:
-            raise ValueError(f"both datasets must be non-empty, got {len(primary)} and {len(secondary)} items")
-        self.primary, self.secondary, self.seed = primary, secondary, seed
-
-    def __len__(self) -> int:
-        return len(self.primary)
-
-    def secondary_index(self, index: int, epoch: int) -> int:
-        """Which secondary item goes with primary item ``index`` in ``epoch``."""
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.secondary))
-        return int(order[index % len(self.secondary)])
-
-    def get_item(self, index: int, epoch: int) -> tuple[Any, Any]:
-        """``(primary item, secondary item)`` for ``index`` in ``epoch``."""
-        return _fetch(self.primary, index, epoch), _fetch(self.secondary, self.secondary_index(index, epoch), epoch)
-
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
-        return self.get_item(index, 0)
-
-
 class _KeyedDataset(Dataset):
     """Reads ``(epoch, index)`` keys: ``get_item(index, epoch)`` when defined, else ``dataset[index]``."""
 
@@ -565,35 +524,6 @@ class _MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-
-
-def load_trained(model: nn.Module, run_dir: str | os.PathLike[str], *, require_finished: bool = True) -> CheckpointInfo:
-    """Load the weights a finished :func:`train` call left in ``run_dir`` (e.g. the previous stage's).
-
-    Args:
-        model: the model to load into.
-        run_dir: the ``run_dir`` given to :func:`train`.
-        require_finished: refuse a run whose last checkpoint is not its final one.
-
-    Returns:
-        The checkpoint loaded.
-
-    Raises:
-        FileNotFoundError: if ``run_dir`` holds no checkpoint, or (with ``require_finished``) the run
-            stopped before its last step (the message says to resume it).
-        CheckpointMismatchError: if the checkpoint belongs to another model.
-    """
-    checkpoint_dir = Path(run_dir) / CHECKPOINT_DIR
-    loaded = load_checkpoint(checkpoint_dir, model)
-    if loaded is None:
-        raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}: run that stage first")
-    info, state = loaded
-    if require_finished and not state.get("finished", False):
-        steps = state.get("config", {}).get("steps", "?")
-        raise FileNotFoundError(
-            f"the run in {run_dir} stopped at step {info.step} of {steps}; resume it to finish before using its weights"
-        )
-    return info
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

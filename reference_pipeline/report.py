@@ -19,11 +19,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .data.structures import InstanceSample
+from .engine import read_metrics
 from .evaluate import InstancePredictions, postprocess_mask2former
 from .pipeline_config import PipelineConfig
 from .visualize import OverlayPanel, panel_from_predictions, panel_from_sample, save_overlay_grid
 
-__all__ = ["STAGE_LABELS", "paper_order_checks", "read_metrics", "write_report"]
+__all__ = ["STAGE_LABELS", "paper_order_checks", "write_report"]
 
 #: Row label and what each evaluated model is.
 STAGE_LABELS: dict[str, tuple[str, str]] = {
@@ -40,19 +41,6 @@ TRAINED_STAGES = ("teacher_finetune", "teacher_adapted", "student_distill", "stu
 
 _NON_LOSS_KEYS = {"step", "lr", "lr_encoder", "lr_decoder", "data_time", "step_time", "images_per_s", "fnr", "margin",
                   "acceptance", "fallbacks", "epoch", "time", "kind", "wall_time", "grad_norm", "data_share"}
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The JSON records of a ``metrics.jsonl`` file (a torn last line from a killed run is skipped)."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 def _train_records(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

@@ -25,11 +25,9 @@ from reference_pipeline.checkpoint import CheckpointMismatchError, CheckpointWri
 from reference_pipeline.config import TrainConfig
 from reference_pipeline.engine import (
     TIMING_KEYS,
-    PairedDataset,
     ResumableBatchSampler,
     build_optimizer,
     build_scheduler,
-    load_trained,
     move_to_device,
     read_metrics,
     train,
@@ -249,41 +247,6 @@ def test_epoch_aware_dataset_receives_the_epoch(tmp_path):
     model = toy.ToyModel()
     train(model, toy.make_step_fn(None), dataset, toy.toy_config(steps=20, eval_every=0), tmp_path, progress=False)
     assert dataset.epochs_seen == {0, 1, 2}  # 9 batches of 4 per epoch
-
-
-class _Recorder:
-    def __init__(self, size: int, epoch_aware: bool) -> None:
-        self.size = size
-        if epoch_aware:
-            self.get_item = lambda index, epoch: ("aware", index, epoch)
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, index: int):
-        return ("plain", index)
-
-
-def test_paired_dataset_passes_the_epoch_down_and_cycles_through_a_seeded_permutation_of_the_secondary():
-    paired = PairedDataset(_Recorder(4, epoch_aware=False), _Recorder(10, epoch_aware=True), seed=2)
-    assert len(paired) == 4
-    first, second = paired.get_item(3, epoch=5)
-    assert first == ("plain", 3) and second[0] == "aware" and second[2] == 5
-    partners = [paired.secondary_index(i, 0) for i in range(10)]
-    assert sorted(partners) == list(range(10))  # every secondary item once per cycle
-    assert partners != [paired.secondary_index(i, 1) for i in range(10)]  # a new order each epoch
-
-
-def test_load_trained_loads_a_finished_run_and_refuses_an_unfinished_one(tmp_path, uninterrupted):
-    reference_dir, trained = uninterrupted
-    model = toy.ToyModel()
-    assert load_trained(model, reference_dir).step == 30
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values()))
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        load_trained(model, tmp_path / "empty")
-    checkpoint_module.save_checkpoint(tmp_path / "checkpoints", 5, model, {"finished": False, "config": {"steps": 30}})
-    with pytest.raises(FileNotFoundError, match="stopped at step 5 of 30; resume it"):
-        load_trained(model, tmp_path)
 
 
 # ----------------------------------------------------------------------------- optimisation
