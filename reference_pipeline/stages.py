@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -178,20 +178,16 @@ def build_student(cfg: PipelineConfig, num_classes: int) -> Student:
 
 
 def _with_classes(config: Any, num_classes: int) -> Any:
-    import dataclasses
-
-    return dataclasses.replace(config, num_classes=num_classes)
+    return replace(config, num_classes=num_classes)
 
 
 def build_teacher(cfg: PipelineConfig, class_names: Sequence[str]) -> nn.Module:
     """The teacher (untrained demo model, or the foundation ensemble loaded from local weights)."""
     if cfg.teacher_kind == "demo":
         return Student(_with_classes(cfg.demo_teacher, len(class_names)))
-    import dataclasses
-
     from .models.teacher import FoundationTeacher
 
-    return FoundationTeacher.from_pretrained_dirs(dataclasses.replace(cfg.foundation_teacher, class_names=tuple(class_names)))
+    return FoundationTeacher.from_pretrained_dirs(replace(cfg.foundation_teacher, class_names=tuple(class_names)))
 
 
 def build_contrast(config: ContrastConfig, embedding_dim: int) -> InstanceAwarePixelContrast:
@@ -412,9 +408,7 @@ def train_stage(
 
 
 def _with_seed(train_config: TrainConfig, seed: int) -> TrainConfig:
-    import dataclasses
-
-    return dataclasses.replace(train_config, seed=seed)
+    return replace(train_config, seed=seed)
 
 
 # ---------------------------------------------------------------------------------- pseudo-labels
@@ -554,9 +548,7 @@ def pretrained_teacher(cfg: PipelineConfig, datasets: Datasets, *, progress: boo
 
 
 def _at_run_dir(cfg: PipelineConfig, run_dir: Path) -> PipelineConfig:
-    import dataclasses
-
-    return dataclasses.replace(cfg, run_dir=str(run_dir))
+    return replace(cfg, run_dir=str(run_dir))
 
 
 def adapt_teacher(cfg: PipelineConfig, datasets: Datasets, *, resume: bool = True, progress: bool = True) -> list[StageResult]:
