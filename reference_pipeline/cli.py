@@ -31,6 +31,7 @@ logger = logging.getLogger("reference_pipeline")
 
 #: ``--quick``: tiny sizes that exercise every stage and the report in about a minute (CI).
 QUICK_OVERRIDES: tuple[str, ...] = (
+    "data.root=data/synthetic_tiny",  # never replace the full demo dataset (and its cached teacher)
     "data.synthetic_size=[8,8,8,4]",
     "data.synthetic_image_size=[64,64]",
     "data.image_size=[64,64]",
