@@ -17,14 +17,6 @@ from reference_pipeline.models.demo import (
 from reference_pipeline.models.student import Student, count_parameters, load_efficientnet_lite_weights
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.mark.parametrize("variant", [0, 1, 2])
 def test_efficientnet_lite_weights_load_strictly_and_change_the_outputs(variant):
     torch.manual_seed(0)

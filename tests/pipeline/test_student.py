@@ -45,14 +45,6 @@ TINY_ENCODERS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two busy threads on a shared 2-core machine make tiny forwards 100× slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def tiny_config(encoder: str = "dinov2", neck: str = "dpt", **overrides) -> StudentConfig:
     fields = {**TINY_ENCODERS[encoder], **TINY_HEAD, **overrides}
