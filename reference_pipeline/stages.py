@@ -57,13 +57,14 @@ from .data.semi import (
 from .data.structures import InstanceDataset
 from .data.synthetic import SyntheticConfig, generate_dataset, load_synthetic_split
 from .engine import _barrier, distributed_info, train
+from .evaluate import CocoMaskEvaluator
 from .inference import evaluate_model, predict_dataset
 from .losses import SetCriterion, pixel_contrast_term, unified_objective
 from .models.demo import DEMO_TEACHER_NAME
 from .models.outputs import InstanceTargets, SegmentationOutput
 from .models.student import Student, count_parameters
 from .pipeline_config import ContrastConfig, PipelineConfig, StageConfig
-from .pseudo_labels import pseudo_label, pseudo_label_quality
+from .pseudo_labels import pseudo_label
 
 __all__ = [
     "Datasets",
@@ -426,8 +427,8 @@ def make_pseudo_labels(
     if path.is_file():
         return _read_pseudo(path)
     pseudo: dict[int, PseudoInstances] = {}
-    labels_for_quality = []
-    samples_for_quality = []
+    evaluator = CocoMaskEvaluator(datasets.class_names)  # streams RLE only: no image is kept in memory
+    has_ground_truth = False  # the synthetic set keeps the unlabeled images' annotations for diagnostics
     for prediction in predict_dataset(
         teacher, datasets.unlabeled, image_size=tuple(cfg.data.image_size), batch_size=cfg.eval.batch_size,
         progress=progress, desc=f"pseudo-label ({path.stem})",
@@ -439,16 +440,16 @@ def make_pseudo_labels(
             class_ids=labels.targets.class_ids.numpy().astype(np.int64),
             scores=labels.scores.numpy().astype(np.float64),
         )
-        labels_for_quality.append(labels)
-        samples_for_quality.append(sample)
+        evaluator.add(sample, labels.to_predictions())
+        has_ground_truth = has_ground_truth or sample.num_instances > 0
     counts = [p.masks.shape[0] for p in pseudo.values()]
     quality: dict[str, float] = {
         "images": float(len(counts)),
         "instances_per_image": float(np.mean(counts)) if counts else 0.0,
         "empty_images": float(sum(c == 0 for c in counts)),
     }
-    if any(s.num_instances for s in samples_for_quality):
-        quality.update(pseudo_label_quality(labels_for_quality, samples_for_quality, datasets.class_names))
+    if has_ground_truth:
+        quality.update(evaluator.compute())  # the pseudo-labels' mask AP against ground truth
     logger.info("pseudo-labels %s: %s", path.name, quality)
     _write_pseudo(path, pseudo)
     _atomic_write_text(path.with_name(f"{path.stem}_quality.json"), json.dumps(quality, indent=2))
