@@ -8,6 +8,7 @@ Order (each step resumes / is skipped when its outputs exist in ``run_dir``):
 3. evaluate it zero-shot on the ``target`` validation split;
 4. stage 1 adapt-teacher, stage 2 distill, stage 3 refine, evaluating after each;
 5. the supervised-only student with the same budget as distill + refine;
+   steps 4's student side and 5 again for every further seed of ``student_seeds`` (shared teacher);
 6. ``report.md`` (table + plots) in ``run_dir``.
 """
 
@@ -16,15 +17,17 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from . import stages
 from .config import save_config
-from .engine import distributed_info
+from .engine import _barrier, distributed_info
+from .evaluate import resolution_ceiling
 from .pipeline_config import PipelineConfig
 from .report import write_report
 
-__all__ = ["run_demo", "run_pipeline"]
+__all__ = ["run_demo", "run_pipeline", "seed_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +63,12 @@ def run_pipeline(cfg: PipelineConfig, *, resume: bool = True, progress: bool = T
     datasets = stages.load_datasets(cfg, progress=progress)
     logger.info("data: %d labeled, %d unlabeled, %d val images (%.1f s)", len(datasets.labeled), len(datasets.unlabeled),
                 len(datasets.val), time.perf_counter() - start)
+    ceiling_file = run / "resolution_ceiling.json"
+    if is_main and not ceiling_file.is_file():
+        stride = int(getattr(cfg.student, "mask_stride", 4))
+        ceiling = resolution_ceiling((datasets.val[i] for i in range(len(datasets.val))), datasets.class_names,
+                                     image_size=tuple(cfg.data.image_size), stride=stride)
+        ceiling_file.write_text(json.dumps({**ceiling, "stride": stride}, indent=2))
     _, pretrain_time = stages.pretrained_teacher(cfg, datasets, progress=progress)
     timings_file = run / "timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
@@ -76,7 +85,35 @@ def run_pipeline(cfg: PipelineConfig, *, resume: bool = True, progress: bool = T
     record("student_refine", refined.wall_time)
     baseline = stages.supervised_baseline(cfg, datasets, resume=resume, progress=progress)
     record("student_supervised", baseline.wall_time)
+    for offset in range(1, cfg.student_seeds):
+        seed_cfg = seed_run(cfg, offset)
+        for name, stage in (("student_distill", stages.distill), ("student_refine", stages.refine),
+                            ("student_supervised", stages.supervised_baseline)):
+            stage(seed_cfg, datasets, resume=resume, progress=progress)
+            if is_main and f"{name}@seed{offset}" not in results:
+                metrics = stages.evaluate_stage(seed_cfg, datasets, name, progress=progress)
+                results[f"{name}@seed{offset}"] = {k: metrics[k] for k in ("AP", "AP50", "images")}
+                tmp = results_file.with_name(".evaluation.json.tmp")
+                tmp.write_text(json.dumps(results, indent=2))
+                tmp.replace(results_file)
     return results
+
+
+def seed_run(cfg: PipelineConfig, offset: int) -> PipelineConfig:
+    """The run of student seed ``seed + offset`` in ``run_dir/seeds/seed<offset>``, sharing the adapted teacher.
+
+    The adapted teacher's weights and its pseudo-labels are hard-linked (copied across file systems) from
+    ``run_dir``, so every seed distils from the same teacher and labels.
+    """
+    from .ablate import _link
+
+    folder = cfg.run_path / "seeds" / f"seed{offset}"
+    if distributed_info().is_main:
+        for shared in ("teacher_adapted/model.safetensors", "pseudo_labels_adapted.json"):
+            if not (folder / shared).is_file():
+                _link(cfg.run_path / shared, folder / shared)
+    _barrier(distributed_info())
+    return replace(cfg, seed=cfg.seed + offset, run_dir=str(folder), student_seeds=1)
 
 
 def run_demo(cfg: PipelineConfig, *, resume: bool = True, progress: bool = True) -> Path:

@@ -45,6 +45,7 @@ __all__ = [
     "evaluate_coco_masks",
     "postprocess_mask2former",
     "predictions_to_coco_results",
+    "resolution_ceiling",
 ]
 
 logger = logging.getLogger(__name__)
@@ -400,3 +401,54 @@ class CocoMaskEvaluator:
         categories = [{"id": i + 1, "name": name} for i, name in enumerate(self.class_names)]
         gt = _coco_from_dict({"images": self._images, "annotations": self._gt_annotations, "categories": categories})
         return _run_cocoeval(gt, self._results, per_class)
+
+
+def resolution_ceiling(
+    samples: Iterable[InstanceSample],
+    class_names: Sequence[str],
+    *,
+    image_size: tuple[int, int],
+    stride: int = 4,
+) -> dict[str, float]:
+    r"""The mask AP a perfect model can reach when its masks live on the stride-``s`` grid.
+
+    Every ground-truth instance becomes one query whose mask logit on the ``ceil(H/s) × ceil(W/s)`` grid is
+    :math:`\operatorname{logit}(a)`, with :math:`a` the fraction of the cell the instance covers (area
+    average pooling, clipped to :math:`[10^{-4}, 1 - 10^{-4}]`), and whose class is certain. These outputs go
+    through the same post-processing as a model's (:func:`postprocess_mask2former`: bilinear resize to the
+    image, threshold at 0), so the AP they score is the ceiling the output resolution allows.
+
+    Args:
+        samples: ground truth; images are resized to ``image_size`` (masks nearest) as the models see them.
+        class_names: name of each class index.
+        image_size: ``(H, W)`` the model runs at.
+        stride: output stride of the mask logits.
+
+    Returns:
+        ``AP``, ``AP50``, ... in percent, plus ``images``.
+    """
+    evaluator = CocoMaskEvaluator(class_names, top_k=100)
+    num_classes = len(class_names)
+    height, width = image_size
+    grid = (math.ceil(height / stride), math.ceil(width / stride))
+    for sample in samples:
+        keep = ~sample.is_crowd
+        masks = torch.from_numpy(sample.masks[keep]).float()  # (M, H0, W0)
+        if masks.shape[0] == 0:
+            continue
+        if tuple(masks.shape[1:]) != (height, width):
+            masks = F.interpolate(masks[None], size=(height, width), mode="nearest")[0]  # (M, H, W)
+        padded = F.pad(masks, (0, grid[1] * stride - width, 0, grid[0] * stride - height))  # (M, h·s, w·s)
+        coverage = F.avg_pool2d(padded[None], stride)[0].clamp(1e-4, 1 - 1e-4)  # (M, h, w)
+        mask_logits = torch.log(coverage) - torch.log1p(-coverage)  # (M, h, w)
+        class_logits = torch.full((masks.shape[0], num_classes + 1), -20.0)  # (M, C + 1)
+        class_logits[torch.arange(masks.shape[0]), torch.from_numpy(sample.class_ids[keep])] = 20.0
+        resized = InstanceSample(
+            image=np.zeros((height, width, 3), np.uint8), masks=masks.bool().numpy(),
+            class_ids=sample.class_ids[keep], is_crowd=np.zeros(masks.shape[0], bool),
+            image_id=sample.image_id, file_name=sample.file_name,
+        )
+        evaluator.add_model_output(resized, mask_logits, class_logits)
+    metrics = evaluator.compute()
+    metrics["images"] = float(len(evaluator))
+    return metrics

@@ -52,6 +52,8 @@ class DataConfig:
             target_unlabeled, target_val)``.
         synthetic_image_size: synthetic only: generated image size.
         synthetic_seed: synthetic only: generator seed.
+        synthetic_object_scale: synthetic only: object size multiplier
+            (:attr:`~reference_pipeline.data.synthetic.SyntheticConfig.object_scale`).
         max_val_images: evaluate on at most this many validation images (0 = all).
     """
 
@@ -66,6 +68,7 @@ class DataConfig:
     synthetic_size: tuple[int, int, int, int] = (400, 300, 2000, 300)
     synthetic_image_size: tuple[int, int] = (128, 128)
     synthetic_seed: int = 0
+    synthetic_object_scale: float = 1.0
     max_val_images: int = 0
 
     def __post_init__(self) -> None:
@@ -164,6 +167,10 @@ class PipelineConfig:
     Attributes:
         run_dir: where checkpoints, metrics, pseudo-labels and the report go.
         seed: global seed (each stage derives its own).
+        student_seeds: how many times the student-side trainings (distill, refine, supervised-only baseline) run,
+            with seeds ``seed, seed + 1, …``, all from the same adapted teacher and pseudo-labels (the teacher is
+            fixed, as the paper's foundation models are). Seed ``seed`` lives in ``run_dir``, the others in
+            ``run_dir/seeds/seed<k>``; the report states every ordering against the seed spread.
         threads: CPU threads for torch (0 = leave torch's default).
         data: the dataset.
         teacher_kind: ``"foundation"`` (Grounding-DINO + SAM2 from local weights, the paper's teacher)
@@ -188,6 +195,7 @@ class PipelineConfig:
 
     run_dir: str = "runs/default"
     seed: int = 0
+    student_seeds: int = 1
     threads: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     teacher_kind: Literal["foundation", "demo"] = "foundation"

@@ -55,7 +55,7 @@ from .data.semi import (
     collate_semi,
 )
 from .data.structures import InstanceDataset
-from .data.synthetic import SyntheticConfig, generate_dataset, load_synthetic_split
+from .data.synthetic import GENERATOR_VERSION, SyntheticConfig, generate_dataset, load_synthetic_split
 from .engine import _barrier, distributed_info, train
 from .evaluate import CocoMaskEvaluator
 from .inference import evaluate_model, predict_dataset
@@ -140,6 +140,7 @@ def load_datasets(cfg: PipelineConfig, *, progress: bool = True) -> Datasets:
         synthetic = SyntheticConfig(
             image_size=data.synthetic_image_size, source_train=source_n, target_labeled=labeled_n,
             target_unlabeled=unlabeled_n, target_val=val_n, seed=data.synthetic_seed,
+            object_scale=data.synthetic_object_scale,
         )
         root = generate_dataset(data.root, synthetic, progress=progress)
         pool = load_synthetic_split(root, "target_labeled")
@@ -380,7 +381,8 @@ def train_stage(
             contrast.memory_bank = PixelMemoryBank(
                 dim, _prob_dim(cfg.contrast.strategy, queries, num_classes), size=cfg.contrast.memory_bank
             )
-    objective = Objective(SetCriterion(num_classes, cfg.criterion), contrast, stage.lambda_semi, stage.lambda_pxl)
+    criterion = SetCriterion(num_classes, replace(cfg.criterion, mask_stride=mask_stride_of(model, cfg.criterion.mask_stride)))
+    objective = Objective(criterion, contrast, stage.lambda_semi, stage.lambda_pxl)
     train_config = _with_seed(stage.train, seed)
 
     def evaluate_fn(trained: nn.Module) -> dict[str, float]:
@@ -408,6 +410,11 @@ def train_stage(
     return result
 
 
+def mask_stride_of(model: nn.Module, default: int | None = 4) -> int | None:
+    """Output stride of a model's mask logits: its ``mask_stride`` attribute (DDP unwrapped), else ``default``."""
+    return getattr(getattr(model, "module", model), "mask_stride", default)
+
+
 def _with_seed(train_config: TrainConfig, seed: int) -> TrainConfig:
     return replace(train_config, seed=seed)
 
@@ -427,6 +434,7 @@ def make_pseudo_labels(
     if path.is_file():
         return _read_pseudo(path)
     pseudo: dict[int, PseudoInstances] = {}
+    label_config = replace(cfg.pseudo_labels, mask_stride=mask_stride_of(teacher, cfg.pseudo_labels.mask_stride))
     evaluator = CocoMaskEvaluator(datasets.class_names)  # streams RLE only: no image is kept in memory
     has_ground_truth = False  # the synthetic set keeps the unlabeled images' annotations for diagnostics
     for prediction in predict_dataset(
@@ -434,7 +442,7 @@ def make_pseudo_labels(
         progress=progress, desc=f"pseudo-label ({path.stem})",
     ):
         sample = prediction.sample
-        labels = pseudo_label(prediction.mask_logits, prediction.class_logits, (sample.height, sample.width), cfg.pseudo_labels)
+        labels = pseudo_label(prediction.mask_logits, prediction.class_logits, (sample.height, sample.width), label_config)
         pseudo[int(sample.image_id)] = PseudoInstances(
             masks=labels.targets.masks.bool().numpy(),
             class_ids=labels.targets.class_ids.numpy().astype(np.int64),
@@ -515,7 +523,8 @@ def demo_teacher_cache(cfg: PipelineConfig) -> Path:
         "pretrain": config_to_dict(cfg.teacher_pretrain),
         "criterion": config_to_dict(cfg.criterion),
         "image_size": list(cfg.data.image_size),
-        "data": [cfg.data.synthetic_size, cfg.data.synthetic_image_size, cfg.data.synthetic_seed],
+        "data": [cfg.data.synthetic_size, cfg.data.synthetic_image_size, cfg.data.synthetic_seed,
+                 cfg.data.synthetic_object_scale, GENERATOR_VERSION],
         "seed": cfg.seed,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -109,6 +109,23 @@ class StudentConfig:
         dropout: decoder dropout.
         projection_hidden_dim: hidden width of the 2-layer projection head.
         embedding_dim: contrastive embedding dimension ``D``.
+        mask_stride: output stride of the mask logits, 4 (Mask2Former's) or 2. At 2 the mask features are the
+            stride-4 pixel features upsampled and fused with a lateral from the encoder's stride-2 level (when the
+            encoder has one), as Mask2Former's pixel decoder fuses each finer level; the contrastive embeddings stay
+            at stride 4. Small images gain most: at 128 px the AP ceiling of stride-4 masks is ~50, of stride-2
+            ~85 (``benchmarks/bench_learning.py``).
+        query_init: where the decoder's initial queries come from. ``"learned"``: Mask2Former's learned query
+            embeddings (the same for every image). ``"selected"``: Mask DINO's query selection — the class head
+            scores every cell of the finest decoder level, the ``num_queries`` best cells become the queries (their
+            projected features as content, their sine position embedding as query position), so the prediction
+            before the first decoder layer already points at the image's objects; it is supervised like every
+            other decoder output (deep supervision), which trains the selection. It converges much faster on
+            small budgets (``benchmarks/bench_learning.py``).
+
+        decoder_levels: which neck levels the decoder's masked cross-attention visits round-robin:
+            ``"coarse"`` = strides 32, 16, 8 (Mask2Former's), ``"fine"`` = strides 16, 8, 4. At 128 px the coarse
+            levels are 4×4, 8×8 and 16×16 cells, so the first layer's attention mask is coarser than a median
+            instance; the fine levels give 8×8, 16×16 and 32×32.
 
     Raises:
         ValueError: an unknown encoder/neck or an inconsistent size, naming the valid values.
@@ -131,6 +148,9 @@ class StudentConfig:
     dropout: float = 0.0
     projection_hidden_dim: int = 256
     embedding_dim: int = 128
+    mask_stride: int = 4
+    query_init: str = "learned"
+    decoder_levels: str = "coarse"
 
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:
@@ -151,6 +171,12 @@ class StudentConfig:
         for name, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.decoder_levels not in ("coarse", "fine"):
+            raise ValueError(f"decoder_levels must be 'coarse' or 'fine', got {self.decoder_levels!r}")
+        if self.query_init not in ("learned", "selected"):
+            raise ValueError(f"query_init must be 'learned' or 'selected', got {self.query_init!r}")
+        if self.mask_stride not in (2, 4):
+            raise ValueError(f"mask_stride must be 2 or 4, got {self.mask_stride!r}")
         if self.hidden_dim % self.num_heads:
             raise ValueError(f"hidden_dim={self.hidden_dim} must be divisible by num_heads={self.num_heads}")
         if not 0.0 <= self.dropout < 1.0:
@@ -404,16 +430,23 @@ class _Encoder(nn.Module):
             if not path.is_file():
                 raise _missing_weights_error(path, f"a .safetensors or .pth state dict of timm {name!r}")
             self.model.load_state_dict(_read_state_dict(path), strict=True)
-        # Feature levels at strides 4, 8, 16, 32; the classifier head is dropped.
-        self.indices = [1, 2, 3, 4]
-        self.channels = [self.model.feature_info[i]["num_chs"] for i in self.indices]
+        # Feature levels at strides 4, 8, 16, 32 (and 2 when the masks are at stride 2); no classifier head.
+        self.indices = [0, 1, 2, 3, 4] if config.mask_stride == 2 else [1, 2, 3, 4]
+        self.channels = [self.model.feature_info[i]["num_chs"] for i in self.indices[-4:]]
+        self.fine_channels = self.model.feature_info[0]["num_chs"] if config.mask_stride == 2 else None
         self.model.prune_intermediate_layers(self.indices, prune_head=True)
         self.mean = tuple(self.model.pretrained_cfg["mean"])
         self.std = tuple(self.model.pretrained_cfg["std"])
         self.size_divisor = 32
 
+    #: channels of the stride-2 level returned first by ``forward`` (timm encoders at ``mask_stride=2``), else None.
+    fine_channels: int | None = None
+
     def forward(self, images: Tensor) -> list[Tensor]:
-        """Features of normalised, padded images ``(B, 3, H', W')`` (``H'``, ``W'`` multiples of the divisor)."""
+        """Features of normalised, padded images ``(B, 3, H', W')`` (``H'``, ``W'`` multiples of the divisor).
+
+        With :attr:`fine_channels` set, a stride-2 level comes first (5 levels in all).
+        """
         if self.kind == "dinov2":
             return list(self.model(images).feature_maps)  # 4 × (B, 1 + h·w, C)
         if self.kind == "sam2_hiera":
@@ -487,7 +520,7 @@ class Student(nn.Module):
 
     Shape:
         - images: ``(B, 3, H, W)`` float RGB in ``[0, 1]``, any ``H, W`` (padded internally).
-        - mask_logits: ``(B, K, ceil(H/4), ceil(W/4))``.
+        - mask_logits: ``(B, K, ceil(H/s), ceil(W/s))`` with ``s`` = ``config.mask_stride`` (4 by default).
         - class_logits: ``(B, K, C + 1)``, no-object last.
         - pixel_embeddings: ``(B, D, ceil(H/4), ceil(W/4))``.
         - aux_outputs: ``decoder_layers`` dicts (the initial query prediction and every layer but the last).
@@ -503,6 +536,18 @@ class Student(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(self.encoder.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(self.encoder.std).view(1, 3, 1, 1), persistent=False)
         self.neck = _Neck(config, self.encoder.channels, self.encoder.is_vit)
+        self.mask_stride = config.mask_stride
+        self.fine_lateral: nn.Module | None = None
+        self.fine_output: nn.Module | None = None
+        if config.mask_stride == 2:
+            # Mask2Former's pixel-decoder step for one finer level: lateral 1x1 + upsampled coarser, then 3x3.
+            if self.encoder.fine_channels is not None:
+                self.fine_lateral = nn.Conv2d(self.encoder.fine_channels, config.neck_channels, kernel_size=1)
+            self.fine_output = nn.Sequential(
+                nn.Conv2d(config.neck_channels, config.neck_channels, kernel_size=3, padding=1, bias=False),
+                nn.GroupNorm(math.gcd(32, config.neck_channels), config.neck_channels),
+                nn.ReLU(inplace=True),
+            )
         self.mask_features = nn.Conv2d(config.neck_channels, config.hidden_dim, kernel_size=1)
         mask2former_config = Mask2FormerConfig(
             num_labels=config.num_classes,
@@ -520,6 +565,13 @@ class Student(nn.Module):
         self.decoder = Mask2FormerTransformerModule(in_features=config.neck_channels, config=mask2former_config)
         # transformers reuses `dropout` as layer-drop probability; skipping whole layers is not wanted here.
         self.decoder.decoder.layerdrop = 0.0
+        self.query_init = config.query_init
+        if config.query_init == "selected":
+            # Queries come from the image (Mask DINO's query selection); the learned ones would get no gradient.
+            del self.decoder.queries_features, self.decoder.queries_embedder
+            self.query_projection = nn.Sequential(
+                nn.Linear(config.hidden_dim, config.hidden_dim), nn.LayerNorm(config.hidden_dim)
+            )
         self.class_head = nn.Linear(config.hidden_dim, config.num_classes + 1)
         self.projection_head = nn.Sequential(
             nn.Conv2d(config.neck_channels, config.projection_hidden_dim, kernel_size=1),
@@ -538,6 +590,42 @@ class Student(nn.Module):
             "encoder": list(self.encoder.parameters()),
             "decoder": [p for p in self.parameters() if id(p) not in encoder_ids],
         }
+
+    def _decode_selected(self, levels: list[Tensor], mask_features: Tensor) -> Any:
+        r"""The decoder with queries selected from the image (``query_init="selected"``).
+
+        The input side of ``transformers``' ``Mask2FormerTransformerModule.forward`` (projections, level and sine
+        position embeddings), then: :math:`m = \mathrm{LN}(W f)` for every cell :math:`f` of the stride-8 level
+        (the finest of the three decoder levels), score :math:`\max_{c < C} \mathrm{softmax}(\mathrm{cls}(m))_c`, take the
+        top ``K`` cells; their :math:`m` are the initial query content (with gradient: the prediction made from
+        them is supervised) and their sine position embeddings the query positions.
+        """
+        module = self.decoder
+        features, positions, sizes = [], [], []
+        for i, level in enumerate(levels):
+            sizes.append(level.shape[-2:])
+            position = module.position_embedder(level.shape, level.device, level.dtype, None).flatten(2)  # (B, C, n)
+            positions.append(position.permute(2, 0, 1))  # (n, B, C)
+            projected = module.input_projections[i](level).flatten(2) + module.level_embed.weight[i][None, :, None]
+            features.append(projected.permute(2, 0, 1))  # (n, B, C)
+        memory = self.query_projection(features[-1].transpose(0, 1))  # (B, n, C) stride-8 cells
+        with torch.no_grad():
+            scores = self.class_head(memory).softmax(-1)[..., :-1].amax(-1)  # (B, n)
+            count = min(self.config.num_queries, scores.shape[1])
+            chosen = scores.topk(count, dim=1).indices  # (B, K)
+        if count < self.config.num_queries:
+            raise ValueError(
+                f"query_init='selected' needs at least num_queries={self.config.num_queries} cells on the stride-8 "
+                f"level, got {scores.shape[1]}: use a larger image or fewer queries"
+            )
+        index = chosen[..., None].expand(-1, -1, memory.shape[-1])  # (B, K, C)
+        queries = memory.gather(1, index).transpose(0, 1)  # (K, B, C)
+        query_positions = positions[-1].transpose(0, 1).gather(1, index).transpose(0, 1)  # (K, B, C)
+        return module.decoder(
+            inputs_embeds=queries, multi_stage_positional_embeddings=positions, pixel_embeddings=mask_features,
+            encoder_hidden_states=features, query_position_embeddings=query_positions, feature_size_list=sizes,
+            output_hidden_states=False, output_attentions=False, return_dict=True,
+        )
 
     def forward(self, images: Tensor) -> SegmentationOutput:
         """Predict instance masks, classes and contrastive pixel embeddings.
@@ -563,6 +651,7 @@ class Student(nn.Module):
         padded = F.pad(normalised, (0, padded_width - width, 0, padded_height - height))  # (B, 3, H', W')
 
         features = self.encoder(padded)
+        fine = features.pop(0) if self.encoder.fine_channels is not None else None  # (B, C2, H'/2, W'/2)
         patch_grid = None
         if self.encoder.is_vit:
             patch_grid = (padded_height // self.encoder.patch_size, padded_width // self.encoder.patch_size)
@@ -570,10 +659,23 @@ class Student(nn.Module):
 
         grid = (padded_height // 4, padded_width // 4)
         pixel_features = F.interpolate(levels[-1], size=grid, mode="bilinear", align_corners=False)  # (B, Cn, H'/4, W'/4)
-        mask_features = self.mask_features(pixel_features)  # (B, hidden, H'/4, W'/4)
-        decoded = self.decoder(multi_scale_features=levels[:3], mask_features=mask_features)
+        mask_input = pixel_features
+        if self.fine_output is not None:
+            fine_grid = (padded_height // 2, padded_width // 2)
+            mask_input = F.interpolate(pixel_features, size=fine_grid, mode="bilinear", align_corners=False)
+            if self.fine_lateral is not None:
+                mask_input = mask_input + self.fine_lateral(fine)  # (B, Cn, H'/2, W'/2)
+            mask_input = self.fine_output(mask_input)
+        mask_features = self.mask_features(mask_input)  # (B, hidden, H'/s, W'/s)
+        decoder_levels = levels[:3] if self.config.decoder_levels == "coarse" else levels[1:]  # coarse → fine
+        if self.query_init == "selected":
+            decoded = self._decode_selected(decoder_levels, mask_features)
+        else:
+            decoded = self.decoder(multi_scale_features=decoder_levels, mask_features=mask_features)
+        stride = self.mask_stride
+        mask_height, mask_width = math.ceil(height / stride), math.ceil(width / stride)
+        mask_logits = [m[..., :mask_height, :mask_width] for m in decoded.masks_queries_logits]  # L+1 × (B, K, h, w)
         crop_height, crop_width = math.ceil(height / 4), math.ceil(width / 4)
-        mask_logits = [m[..., :crop_height, :crop_width] for m in decoded.masks_queries_logits]  # L+1 × (B, K, h, w)
         class_logits = [self.class_head(h.transpose(0, 1)) for h in decoded.intermediate_hidden_states]  # (B, K, C+1)
         embeddings = self.projection_head(pixel_features)[..., :crop_height, :crop_width]  # (B, D, h, w)
         aux_outputs = [

@@ -96,7 +96,8 @@ def test_source_and_target_appearance_differ() -> None:
     assert np.mean(target["red_blue"]) > np.mean(source["red_blue"]) + 0.2  # warm colour cast
     assert min(target["red_blue"]) > max(source["red_blue"]) - 0.05
     assert np.median(target["sizes"]) < 0.8 * np.median(source["sizes"])  # smaller instances
-    assert np.mean(target["roughness"]) > 1.5 * np.mean(source["roughness"])  # sensor noise
+    # the source is broad (sensor noise 0-6, like a foundation model's data); the target is always noisy (2-6)
+    assert np.mean(target["roughness"]) > 1.3 * np.mean(source["roughness"])
 
 
 def test_config_validation() -> None:

@@ -1,0 +1,352 @@
+"""Learnability of the demo models: mask AP vs steps and vs wall time, per decoder layer, per setting.
+
+Each setting trains one freshly initialised model (the pipeline's :class:`~reference_pipeline.models.student.Student`
+with the pipeline's :class:`~reference_pipeline.losses.SetCriterion`) with plain supervision on the synthetic
+``source_train`` images, and scores COCO mask AP at fixed steps on held-out source images and on the shifted
+``target_val`` split — for the final prediction *and* for every intermediate one (``q`` = from the learned
+queries before any decoder layer, ``L1`` … = after each layer). The resolution ceiling of each image size / object
+scale / mask stride (:func:`~reference_pipeline.evaluate.resolution_ceiling`) is reported beside it.
+
+The loop is the engine's recipe reduced to what matters here (AdamW with an encoder and a decoder learning rate,
+linear warm-up then poly decay, global gradient clipping, random horizontal flips) so that one process can train
+many settings in turn; the stages of the demo use :func:`reference_pipeline.engine.train` with the same pieces.
+
+Run: ``PYTHONPATH=. python benchmarks/bench_learning.py [--settings a b ...] [--steps 1200] [--smoke]``.
+Writes ``benchmarks/results/bench_learning.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import DEFAULT_RESULTS_DIR, environment_info, markdown_table, write_report  # noqa: E402
+from reference_pipeline.data.structures import InstanceSample  # noqa: E402
+from reference_pipeline.data.synthetic import THING_CLASSES, SyntheticConfig, synthetic_sample  # noqa: E402
+from reference_pipeline.evaluate import CocoMaskEvaluator, resolution_ceiling  # noqa: E402
+from reference_pipeline.losses import CriterionConfig, SetCriterion  # noqa: E402
+from reference_pipeline.models.demo import demo_student_config, demo_teacher_config  # noqa: E402
+from reference_pipeline.models.outputs import InstanceTargets, SegmentationOutput  # noqa: E402
+from reference_pipeline.models.student import Student  # noqa: E402
+
+
+@dataclass
+class Setting:
+    """One learnability run: data scale, model and optimisation.
+
+    Attributes:
+        name: label in the tables and plot.
+        model: ``"student"`` or ``"teacher"`` (the demo configurations of :mod:`reference_pipeline.models.demo`), or
+            ``"transformers"`` (:class:`TransformersMask2Former`, the reference).
+        model_overrides: :class:`~reference_pipeline.models.student.StudentConfig` fields changed.
+        image_size: square image side.
+        object_scale: :attr:`~reference_pipeline.data.synthetic.SyntheticConfig.object_scale`.
+        lr_encoder: encoder learning rate.
+        lr_decoder: learning rate of everything else.
+        warmup_steps: linear warm-up from 1 % of the rates.
+        grad_clip: global gradient-norm clip (``None``: off).
+        weight_decay: AdamW weight decay.
+        batch_size: images per step.
+    """
+
+    name: str
+    model: str = "student"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    image_size: int = 128
+    object_scale: float = 1.0
+    lr_encoder: float = 4e-4
+    lr_decoder: float = 2e-3
+    warmup_steps: int = 20
+    grad_clip: float | None = None
+    weight_decay: float = 0.05
+    batch_size: int = 8
+
+
+#: The settings tried; ``--settings`` picks some by name.
+SETTINGS: dict[str, Setting] = {
+    s.name: s
+    for s in [
+        # the demo student as shipped before this study
+        Setting("demo-old", model_overrides={"dropout": 0.1}),
+        Setting("lr2e-4", lr_encoder=1e-4, lr_decoder=2e-4, model_overrides={"dropout": 0.1}),
+        Setting("q12-lr2e-4", lr_encoder=1e-4, lr_decoder=2e-4, model_overrides={"num_queries": 12, "dropout": 0.1}),
+        Setting("q12-lr2e-4-clip", lr_encoder=1e-4, lr_decoder=2e-4, grad_clip=0.1,
+                model_overrides={"num_queries": 12}),
+        Setting("q12-lr1e-3-clip", lr_encoder=2e-4, lr_decoder=1e-3, grad_clip=0.1,
+                model_overrides={"num_queries": 12}),
+        Setting("q12-lr2e-3-clip", lr_encoder=4e-4, lr_decoder=2e-3, grad_clip=0.1,
+                model_overrides={"num_queries": 12}),
+        Setting("hf-q12-lr2e-4-clip", model="transformers", lr_encoder=1e-4, lr_decoder=2e-4, grad_clip=0.1),
+        Setting("hf-q12-lr2e-3-clip", model="transformers", lr_encoder=4e-4, lr_decoder=2e-3, grad_clip=0.1),
+        Setting("sel-s2-x1.5", object_scale=1.5, lr_encoder=2e-4, lr_decoder=1e-3, grad_clip=1.0,
+                model_overrides={"num_queries": 12, "mask_stride": 2, "query_init": "selected"}),
+        Setting("learned-s2-x1.5", object_scale=1.5, lr_encoder=2e-4, lr_decoder=1e-3, grad_clip=1.0,
+                model_overrides={"num_queries": 12, "mask_stride": 2}),
+        Setting("learned-s2-x1.5-lr2e-3", object_scale=1.5, lr_encoder=4e-4, lr_decoder=2e-3, grad_clip=1.0,
+                model_overrides={"num_queries": 12, "mask_stride": 2}),
+        Setting("teacher-s2-x1.5", model="teacher", object_scale=1.5, lr_encoder=2e-4, lr_decoder=1e-3, grad_clip=1.0,
+                model_overrides={"num_queries": 16, "mask_stride": 2}),
+        Setting("fine-s2-x1.5", object_scale=1.5, lr_encoder=2e-4, lr_decoder=1e-3, grad_clip=1.0,
+                model_overrides={"num_queries": 12, "mask_stride": 2, "decoder_levels": "fine"}),
+        Setting("teacher-mid", model="teacher", object_scale=1.5, lr_encoder=2e-4, lr_decoder=1e-3, grad_clip=1.0,
+                model_overrides={"num_queries": 16, "mask_stride": 2, "neck_channels": 96, "hidden_dim": 128,
+                                 "decoder_layers": 4, "feedforward_dim": 512, "projection_hidden_dim": 96}),
+        Setting("q12-lr2e-4-s1.5", lr_encoder=1e-4, lr_decoder=2e-4, object_scale=1.5,
+                model_overrides={"num_queries": 12}),
+    ]
+}
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def render(config: SyntheticConfig, split: str, indices: range) -> list[InstanceSample]:
+    """Render images of one split in memory."""
+    return [synthetic_sample(config, split, i) for i in indices]
+
+
+def to_targets(samples: list[InstanceSample], flips: list[bool]) -> tuple[torch.Tensor, list[InstanceTargets]]:
+    """A training batch: images ``(B, 3, H, W)`` in ``[0, 1]`` and per-image targets, flipped where asked."""
+    images, targets = [], []
+    for sample, flip in zip(samples, flips):
+        image = torch.from_numpy(sample.image).permute(2, 0, 1).float().div_(255.0)  # (3, H, W)
+        masks = torch.from_numpy(sample.masks[~sample.is_crowd])  # (M, H, W)
+        if flip:
+            image, masks = image.flip(-1), masks.flip(-1)
+        images.append(image)
+        targets.append(InstanceTargets(masks=masks.float(), class_ids=torch.from_numpy(sample.class_ids[~sample.is_crowd])))
+    return torch.stack(images), targets
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def per_layer_ap(model: Student, samples: list[InstanceSample], batch_size: int = 20) -> dict[str, float]:
+    """Mask AP of every prediction stage: ``q`` (queries before any layer), ``L1`` … ``Ln`` (``Ln`` = final)."""
+    model.eval()
+    evaluators: dict[str, CocoMaskEvaluator] = {}
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        images, _ = to_targets(chunk, [False] * len(chunk))
+        out = model(images)
+        stages = [(a["masks_queries_logits"], a["class_queries_logits"]) for a in out.aux_outputs]
+        stages.append((out.mask_logits, out.class_logits))
+        for index, (masks, classes) in enumerate(stages):
+            name = "q" if index == 0 else f"L{index}"
+            evaluator = evaluators.setdefault(name, CocoMaskEvaluator(THING_CLASSES))
+            for i, sample in enumerate(chunk):
+                evaluator.add_model_output(sample, masks[i], classes[i])
+    model.train()
+    return {name: round(evaluator.compute()["AP"], 2) for name, evaluator in evaluators.items()}
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+class TransformersMask2Former(torch.nn.Module):
+    """``transformers``' own ``Mask2FormerForUniversalSegmentation``, sized like the demo student, as a reference.
+
+    Same ImageNet EfficientNet-Lite0 encoder (a timm backbone), ``transformers``' multi-scale deformable-attention
+    pixel decoder instead of our FPN, and the same masked-attention decoder module, fed the way ``transformers``
+    feeds it. Outputs are converted to :class:`~reference_pipeline.models.outputs.SegmentationOutput` so the
+    same criterion and evaluation apply.
+    """
+
+    mask_stride = 4
+
+    def __init__(self, num_classes: int, **overrides: Any) -> None:
+        super().__init__()
+        from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, TimmBackboneConfig
+
+        from reference_pipeline.models.student import load_efficientnet_lite_weights
+
+        backbone = TimmBackboneConfig(backbone="tf_efficientnet_lite0", out_indices=(1, 2, 3, 4),
+                                      use_pretrained_backbone=False)
+        sizes = {"feature_size": 64, "mask_feature_size": 64, "hidden_dim": 64, "encoder_layers": 2,
+                 "decoder_layers": 4, "num_queries": 12, "num_attention_heads": 4, "dim_feedforward": 256,
+                 "encoder_feedforward_dim": 256, **overrides}
+        config = Mask2FormerConfig(backbone_config=backbone, num_labels=num_classes, **sizes)
+        self.model = Mask2FormerForUniversalSegmentation(config)
+        load_efficientnet_lite_weights(self.model.model.pixel_level_module.encoder._backbone, 0)
+        self.register_buffer("mean", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), persistent=False)
+
+    def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
+        encoder = list(self.model.model.pixel_level_module.encoder.parameters())
+        ids = {id(p) for p in encoder}
+        return {"encoder": encoder, "decoder": [p for p in self.parameters() if id(p) not in ids]}
+
+    def forward(self, images: torch.Tensor) -> SegmentationOutput:
+        out = self.model(pixel_values=(images - self.mean) / self.std, output_auxiliary_logits=True)
+        masks = out.masks_queries_logits  # (B, K, H/4, W/4)
+        return SegmentationOutput(mask_logits=masks, class_logits=out.class_queries_logits,
+                                  pixel_embeddings=masks[:, :0], aux_outputs=list(out.auxiliary_logits))
+
+
+def build_model(setting: Setting) -> torch.nn.Module:
+    """The demo student or teacher with the setting's overrides (ImageNet encoder weights), or the reference."""
+    if setting.model == "transformers":
+        return TransformersMask2Former(len(THING_CLASSES), **setting.model_overrides)
+    make = demo_student_config if setting.model == "student" else demo_teacher_config
+    return Student(make(len(THING_CLASSES), **setting.model_overrides))
+
+
+def lr_factor(step: int, steps: int, warmup: int) -> float:
+    r"""Linear warm-up from 1 % then poly decay: :math:`w_t (1 - t/T)^{0.9}`."""
+    warm = 0.01 + 0.99 * step / warmup if step < warmup else 1.0
+    return warm * (1.0 - step / steps) ** 0.9
+
+
+def run_setting(
+    setting: Setting, steps: int, eval_at: list[int], num_train: int, num_eval: int, seed: int = 0,
+    log: Any = print, eval_split: str = "heldout",
+) -> dict[str, Any]:
+    """Train one setting from scratch; AP per layer on source and target images at ``eval_at``.
+
+    ``eval_split="heldout"`` scores source images the model never trains on; ``"train"`` scores the first
+    ``num_eval`` training images (how well it fits, for tiny smoke runs).
+    """
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    data = SyntheticConfig(image_size=(setting.image_size, setting.image_size), object_scale=setting.object_scale)
+    train = render(data, "source_train", range(num_train))
+    first = 0 if eval_split == "train" else num_train
+    source_val = render(data, "source_train", range(first, first + num_eval))
+    target_val = render(data, "target_val", range(num_eval))
+    model = build_model(setting)
+    model.train()
+    stride = getattr(model, "mask_stride", 4)
+    criterion = SetCriterion(len(THING_CLASSES), CriterionConfig(train_num_points=1024, mask_stride=stride))
+    groups = model.parameter_groups()
+    optimizer = torch.optim.AdamW(
+        [{"params": groups["encoder"], "lr": setting.lr_encoder}, {"params": groups["decoder"], "lr": setting.lr_decoder}],
+        weight_decay=setting.weight_decay,
+    )
+    base = [g["lr"] for g in optimizer.param_groups]
+    curve: list[dict[str, Any]] = []
+    train_seconds = 0.0
+    for step in range(1, steps + 1):
+        start = time.perf_counter()
+        for group, lr in zip(optimizer.param_groups, base):
+            group["lr"] = lr * lr_factor(step - 1, steps, setting.warmup_steps)
+        picks = rng.integers(0, len(train), setting.batch_size)
+        images, targets = to_targets([train[i] for i in picks], list(rng.random(setting.batch_size) < 0.5))
+        losses = criterion(model(images), targets)
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        if setting.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), setting.grad_clip)
+        optimizer.step()
+        train_seconds += time.perf_counter() - start
+        if step in eval_at:
+            record = {
+                "step": step, "train_seconds": round(train_seconds, 1), "loss": round(float(losses["total"].detach()), 3),
+                "source": per_layer_ap(model, source_val), "target": per_layer_ap(model, target_val),
+            }
+            curve.append(record)
+            log(f"[{setting.name}] step {step}: {record}")
+    ceiling = {
+        split: round(resolution_ceiling(samples, THING_CLASSES, image_size=(setting.image_size,) * 2, stride=stride)["AP"], 1)
+        for split, samples in (("source", source_val), ("target", target_val))
+    }
+    return {"setting": dataclasses.asdict(setting), "curve": curve, "ceiling": ceiling,
+            "seconds_per_step": round(train_seconds / steps, 3)}
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def final_layer(record: dict[str, float]) -> float:
+    """AP of the final prediction (the highest layer index)."""
+    return record[max((k for k in record if k.startswith("L")), key=lambda k: int(k[1:]), default="q")]
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    """AP of the final layer vs steps and vs training seconds, source (solid) and target (dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for result in results:
+        name = result["setting"]["name"]
+        steps = [r["step"] for r in result["curve"]]
+        seconds = [r["train_seconds"] / 60 for r in result["curve"]]
+        for split, style in (("source", "-"), ("target", "--")):
+            values = [final_layer(r[split]) for r in result["curve"]]
+            label = f"{name} ({split})"
+            line = axes[0].plot(steps, values, style, marker="o", markersize=3, label=label)[0]
+            axes[1].plot(seconds, values, style, marker="o", markersize=3, color=line.get_color())
+    axes[0].set(xlabel="step", ylabel="mask AP (final layer)", title="AP vs steps")
+    axes[1].set(xlabel="training minutes (1 thread)", ylabel="mask AP (final layer)", title="AP vs wall time")
+    axes[0].legend(fontsize=6)
+    for axis in axes:
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def report(results: list[dict[str, Any]]) -> str:
+    """Markdown: one row per setting × evaluation step, every layer's AP."""
+    rows = []
+    for result in results:
+        s = result["setting"]
+        for record in result["curve"]:
+            layers = " / ".join(f"{k} {v:.1f}" for k, v in record["source"].items())
+            target = " / ".join(f"{k} {v:.1f}" for k, v in record["target"].items())
+            rows.append([s["name"], record["step"], f"{record['train_seconds'] / 60:.1f}", layers, target,
+                         f"{result['ceiling']['source']:.0f} / {result['ceiling']['target']:.0f}"])
+    return markdown_table(["setting", "step", "train min", "source AP per layer", "target AP per layer",
+                           "ceiling src / tgt"], rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the chosen settings one after another and write the report."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--eval-every", type=int, default=200)
+    parser.add_argument("--num-train", type=int, default=400)
+    parser.add_argument("--num-eval", type=int, default=80)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="2 settings × 4 steps on 8 images (CI)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS_DIR)
+    parser.add_argument("--tag", default="bench_learning", help="file name stem of the results")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.smoke:
+        args.settings, args.steps, args.eval_every, args.num_train, args.num_eval = args.settings[:2], 4, 2, 8, 4
+    eval_at = sorted({*range(args.eval_every, args.steps + 1, args.eval_every), args.steps})
+    results = [
+        run_setting(SETTINGS[name], args.steps, eval_at, args.num_train, args.num_eval, args.seed)
+        for name in args.settings
+    ]
+    args.out.mkdir(parents=True, exist_ok=True)
+    payload = {"environment": environment_info(torch.device("cpu")), "steps": args.steps, "results": results}
+    (args.out / f"{args.tag}.json").write_text(json.dumps(payload, indent=1))
+    plot(results, args.out / f"{args.tag}.png")
+    text = (f"# Learnability of the demo models\n\n{args.steps} steps, {args.num_train} source training images, "
+            f"{args.num_eval} held-out source and target images, {args.threads} thread(s).\n\n{report(results)}\n")
+    (args.out / f"{args.tag}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
