@@ -27,3 +27,7 @@ def test_bench_learning_smoke_writes_per_layer_curves_and_ceilings(tmp_path: Pat
                 assert final_layer(record[split]) == record[split][f"L{layers}"]
         assert 0 < result["ceiling"]["source"] <= 100 and 0 < result["ceiling"]["target"] <= 100
         assert math.isfinite(result["seconds_per_step"]) and result["seconds_per_step"] > 0
+    assert len(report["ceilings"]) == 2
+    for row in report["ceilings"]:
+        assert 0 < row["source"]["AP"] <= 100 and 0 < row["target"]["AP"] <= 100
+    assert "## Resolution ceilings" in markdown
