@@ -19,26 +19,36 @@ STAGES = ("teacher_zero_shot", "teacher_finetune", "teacher_adapted", "student_d
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Path]:
-    """One --quick demo (all stages, the report); returns the common arguments and the run dir."""
+    """One --quick demo (all stages, two student seeds, the report); returns the common arguments and the run dir."""
     root = tmp_path_factory.mktemp("cli")
     common = ["--quick", "--no-progress", "--set", f"data.root={root / 'data' / 'synthetic'}",
               "--run-dir", str(root / "run"), "--set", "threads=1"]
-    assert main(["demo", *common]) == 0
+    assert main(["demo", *common, "--set", "student_seeds=2"]) == 0
     return common, root / "run"
 
 
 def test_demo_runs_every_stage_and_writes_the_report(quick_run) -> None:
     _, run = quick_run
     results = json.loads((run / "evaluation.json").read_text())
-    assert set(results) == set(STAGES)
-    for metrics in results.values():
+    seeded = {f"{name}@seed1" for name in ("student_distill", "student_refine", "student_supervised")}
+    assert set(results) == set(STAGES) | seeded
+    for name in STAGES:
+        metrics = results[name]
         assert 0.0 <= metrics["AP"] <= 100.0 and metrics["parameters"] > 0 and metrics["latency_s"] > 0
-    assert results["teacher_adapted"]["parameters"] >= 4 * results["student_refine"]["parameters"]
+    assert all(0.0 <= results[name]["AP"] <= 100.0 for name in seeded)
+    assert results["teacher_adapted"]["parameters"] > results["student_refine"]["parameters"]
+    # the second seed distils from the same adapted teacher and pseudo-labels, with its own seed
+    seed_run = run / "seeds" / "seed1"
+    assert (seed_run / "pseudo_labels_adapted.json").read_bytes() == (run / "pseudo_labels_adapted.json").read_bytes()
+    assert (seed_run / "student_distill" / "model.safetensors").is_file()
+    ceiling = json.loads((run / "resolution_ceiling.json").read_text())
+    assert ceiling["stride"] == 2 and 0 < ceiling["AP"] <= 100
     report = (run / "report.md").read_text()
     for label in ("zero-shot teacher", "adapted teacher", "distilled student", "refined student", "supervised-only"):
         assert label in report
     assert "not one" in report  # the demo teacher is named for what it is
-    for plot in ("ap_per_stage.png", "loss_curves.png", "contrast_diagnostics.png", "overlays.png"):
+    assert "2 seed(s)" in report and "Resolution ceiling: perfect masks" in report
+    for plot in ("ap_per_stage.png", "loss_curves.png", "contrast_diagnostics.png", "overlays.png", "learning_curves.png"):
         assert (run / plot).stat().st_size > 1000
     distill_log = [json.loads(line) for line in (run / "student_distill" / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in distill_log if r["kind"] == "train"]
