@@ -76,39 +76,28 @@ class Setting:
 
 
 #: The demo student as it was before this study (32 queries, dropout 0.1, stride-4 masks).
-OLD_STUDENT: dict[str, Any] = {"num_queries": 32, "dropout": 0.1, "mask_stride": 4}
-#: The settings tried; ``--settings`` picks some by name.
+OLD_STUDENT: dict[str, Any] = {"num_queries": 32, "dropout": 0.1, "mask_stride": 4, "neck_norm": "none",
+                               "decoder_init": "torch"}
+#: The demo's optimisation after the study: decoder 1e-3, encoder 2e-4, gradient norm clipped at 1.
+NEW_RATES: dict[str, Any] = {"lr_encoder": 2e-4, "lr_decoder": 1e-3, "grad_clip": 1.0, "object_scale": 1.5}
+
+#: The settings of the study; ``--settings`` picks some by name (the first two are the smoke run's).
 SETTINGS: dict[str, Setting] = {
     s.name: s
     for s in [
-        # the demo student as shipped before this study
-        Setting("demo-old", model_overrides=OLD_STUDENT),
-        Setting("lr2e-4", lr_encoder=1e-4, lr_decoder=2e-4, model_overrides=OLD_STUDENT),
-        Setting("q12-lr2e-4", lr_encoder=1e-4, lr_decoder=2e-4, model_overrides={**OLD_STUDENT, "num_queries": 12}),
-        Setting("q12-lr2e-4-clip", lr_encoder=1e-4, lr_decoder=2e-4, grad_clip=0.1,
-                model_overrides={"num_queries": 12}),
-        Setting("q12-lr1e-3-clip", lr_encoder=2e-4, lr_decoder=1e-3, grad_clip=0.1,
-                model_overrides={"num_queries": 12}),
-        Setting("q12-lr2e-3-clip", lr_encoder=4e-4, lr_decoder=2e-3, grad_clip=0.1,
-                model_overrides={"num_queries": 12}),
+        Setting("demo-student", **NEW_RATES),  # the demo student as shipped (configs/demo.yaml)
+        Setting("demo-old", model_overrides=OLD_STUDENT),  # the demo student and rates before the study
+        # transformers' own Mask2FormerForUniversalSegmentation at the old settings: the reference
         Setting("hf-demo-old", model="transformers", model_overrides={"num_queries": 32, "dropout": 0.1}),
-        Setting("hf-q12-lr2e-4-clip", model="transformers", lr_encoder=1e-4, lr_decoder=2e-4, grad_clip=0.1),
-        Setting("hf-q12-lr2e-3-clip", model="transformers", lr_encoder=4e-4, lr_decoder=2e-3, grad_clip=0.1),
-        Setting("sel-s2-x1.5", object_scale=1.5, lr_encoder=2e-4, lr_decoder=1e-3, grad_clip=1.0,
-                model_overrides={"num_queries": 12, "mask_stride": 2, "query_init": "selected"}),
-        Setting("learned-s2-x1.5", object_scale=1.5, lr_encoder=2e-4, lr_decoder=1e-3, grad_clip=1.0,
-                model_overrides={"num_queries": 12, "mask_stride": 2}),
-        Setting("learned-s2-x1.5-lr2e-3", object_scale=1.5, lr_encoder=4e-4, lr_decoder=2e-3, grad_clip=1.0,
-                model_overrides={"num_queries": 12, "mask_stride": 2}),
-        Setting("teacher-s2-x1.5", model="teacher", object_scale=1.5, lr_encoder=2e-4, lr_decoder=1e-3, grad_clip=1.0,
-                model_overrides={"num_queries": 16, "mask_stride": 2}),
-        Setting("fine-s2-x1.5", object_scale=1.5, lr_encoder=2e-4, lr_decoder=1e-3, grad_clip=1.0,
-                model_overrides={"num_queries": 12, "mask_stride": 2, "decoder_levels": "fine"}),
-        Setting("teacher-mid", model="teacher", object_scale=1.5, lr_encoder=2e-4, lr_decoder=1e-3, grad_clip=1.0,
-                model_overrides={"num_queries": 16, "mask_stride": 2, "neck_channels": 96, "hidden_dim": 128,
-                                 "decoder_layers": 4, "feedforward_dim": 512, "projection_hidden_dim": 96}),
-        Setting("q12-lr2e-4-s1.5", lr_encoder=1e-4, lr_decoder=2e-4, object_scale=1.5,
-                model_overrides={"num_queries": 12}),
+        Setting("demo-teacher", model="teacher", **NEW_RATES),  # the demo teacher as shipped
+        Setting("demo-student-stride4", model_overrides={"mask_stride": 4}, **NEW_RATES),
+        Setting("demo-student-lr2e-3", **{**NEW_RATES, "lr_encoder": 4e-4, "lr_decoder": 2e-3}),
+        Setting("query-selection", model_overrides={"query_init": "selected"}, **NEW_RATES),
+        Setting("fine-levels", model_overrides={"decoder_levels": "fine"}, **NEW_RATES),
+        # the old settings with the two fixes found by comparing with transformers' own model
+        Setting("demo-old-norm", model_overrides={**OLD_STUDENT, "neck_norm": "group", "decoder_init": "transformers"}),
+        Setting("demo-old-init", model_overrides={**OLD_STUDENT, "decoder_init": "transformers"}),
+        Setting("old-rates-new-model", model_overrides={}, object_scale=1.5),  # new model, old rates (no clip)
     ]
 }
 

@@ -127,6 +127,14 @@ class StudentConfig:
             levels are 4×4, 8×8 and 16×16 cells, so the first layer's attention mask is coarser than a median
             instance; the fine levels give 8×8, 16×16 and 32×32.
 
+        neck_norm: ``"group"``: GroupNorm after every FPN convolution (lateral and output), as Mask2Former's pixel
+            decoder normalises every level it hands the decoder; ``"none"``: torchvision's plain FPN. Without it
+            the decoder's inputs and the mask logits start far off scale (gradient norms ~50) and the decoder layers
+            learn slowly (``benchmarks/bench_learning.py``). FPN necks only.
+        decoder_init: ``"transformers"``: the decoder module is initialised as ``Mask2FormerPreTrainedModel`` does
+            (:func:`_init_decoder_like_transformers`); ``"torch"``: PyTorch's default initialisation of its layers
+            (what a bare ``Mask2FormerTransformerModule`` gets; kept to reproduce the earlier demo).
+
     Raises:
         ValueError: an unknown encoder/neck or an inconsistent size, naming the valid values.
     """
@@ -151,6 +159,8 @@ class StudentConfig:
     mask_stride: int = 4
     query_init: str = "learned"
     decoder_levels: str = "coarse"
+    neck_norm: str = "group"
+    decoder_init: str = "transformers"
 
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:
@@ -171,6 +181,10 @@ class StudentConfig:
         for name, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.decoder_init not in ("transformers", "torch"):
+            raise ValueError(f"decoder_init must be 'transformers' or 'torch', got {self.decoder_init!r}")
+        if self.neck_norm not in ("group", "none"):
+            raise ValueError(f"neck_norm must be 'group' or 'none', got {self.neck_norm!r}")
         if self.decoder_levels not in ("coarse", "fine"):
             raise ValueError(f"decoder_levels must be 'coarse' or 'fine', got {self.decoder_levels!r}")
         if self.query_init not in ("learned", "selected"):
@@ -494,7 +508,11 @@ class _Neck(nn.Module):
 
             self.reassemble = DPTReassembleStage(dpt_config) if is_vit else None
             in_channels = list(config.reassemble_channels) if is_vit else list(encoder_channels)
-            self.fpn = FeaturePyramidNetwork(in_channels, config.neck_channels)
+            norm = None
+            if config.neck_norm == "group":
+                def norm(channels: int) -> nn.Module:
+                    return nn.GroupNorm(math.gcd(32, channels), channels)
+            self.fpn = FeaturePyramidNetwork(in_channels, config.neck_channels, norm_layer=norm)
 
     def forward(self, features: list[Tensor], patch_grid: tuple[int, int] | None) -> list[Tensor]:
         """4 feature levels (fine → coarse) → 4 neck levels ``(B, neck_channels, h_i, w_i)``, coarse → fine."""
@@ -510,6 +528,31 @@ class _Neck(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- student
+
+
+def _init_decoder_like_transformers(module: nn.Module) -> None:
+    """The initialisation ``Mask2FormerPreTrainedModel._init_weights`` gives the decoder module (and Mask2Former's).
+
+    Built on its own, ``Mask2FormerTransformerModule`` keeps PyTorch's default initialisation, because
+    ``transformers`` initialises weights from the pretrained-model class only: Xavier-uniform for every matrix of
+    the decoder layers (zero cross-attention input bias) and of the input projections, N(0, 1) query and level
+    embeddings.
+    """
+    from transformers.models.mask2former.modeling_mask2former import Mask2FormerMaskedAttentionDecoderLayer
+
+    for projection in module.input_projections:
+        if isinstance(projection, nn.Conv2d):
+            nn.init.xavier_uniform_(projection.weight)
+            nn.init.zeros_(projection.bias)
+    for layer in module.modules():
+        if isinstance(layer, Mask2FormerMaskedAttentionDecoderLayer):
+            for parameter in layer.parameters():
+                if parameter.dim() > 1:
+                    nn.init.xavier_uniform_(parameter)
+            nn.init.zeros_(layer.cross_attn.in_proj_bias)
+    for embedding in module.modules():
+        if isinstance(embedding, nn.Embedding):
+            nn.init.normal_(embedding.weight, mean=0.0, std=1.0)
 
 
 class Student(nn.Module):
@@ -565,6 +608,8 @@ class Student(nn.Module):
         self.decoder = Mask2FormerTransformerModule(in_features=config.neck_channels, config=mask2former_config)
         # transformers reuses `dropout` as layer-drop probability; skipping whole layers is not wanted here.
         self.decoder.decoder.layerdrop = 0.0
+        if config.decoder_init == "transformers":
+            _init_decoder_like_transformers(self.decoder)
         self.query_init = config.query_init
         if config.query_init == "selected":
             # Queries come from the image (Mask DINO's query selection); the learned ones would get no gradient.

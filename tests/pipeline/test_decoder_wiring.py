@@ -9,6 +9,8 @@ layers then improve on the prediction made before any of them is a matter of tra
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -87,3 +89,34 @@ def test_selected_queries_point_at_the_image_and_every_parameter_gets_a_gradient
     with torch.no_grad():  # different images, different initial queries (learned queries would be identical)
         first = model.eval()(torch.rand(2, 3, 64, 64)).aux_outputs[0]["class_queries_logits"]
     assert not torch.allclose(first[0], first[1])
+
+
+def test_fpn_levels_are_group_normalised_like_mask2formers_pixel_decoder() -> None:
+    model = _tiny()
+    with torch.no_grad():
+        features = model.encoder(torch.rand(2, 3, 64, 64) * 4 - 2)
+        levels = model.neck(features, None)
+    for level in levels:  # GroupNorm (affine at its init): every group of every image has mean 0, variance 1
+        groups = level.reshape(2, 32, -1)  # 32 channels, gcd(32, 32) = 32 groups of one channel
+        torch.testing.assert_close(groups.mean(-1), torch.zeros(2, 32), atol=1e-4, rtol=0)
+        torch.testing.assert_close(groups.var(-1, unbiased=False), torch.ones(2, 32), atol=0.1, rtol=0)  # eps on 2x2 maps
+    plain = _tiny(neck_norm="none")
+    with torch.no_grad():
+        raw = plain.neck(plain.encoder(torch.rand(2, 3, 64, 64) * 4 - 2), None)
+    assert not torch.allclose(raw[0].reshape(2, 32, -1).var(-1), torch.ones(2, 32), atol=0.2)
+
+
+def test_decoder_layers_are_initialised_as_transformers_initialises_mask2former() -> None:
+    from transformers import Mask2FormerConfig
+    from transformers.models.mask2former.modeling_mask2former import Mask2FormerMaskedAttentionDecoderLayer
+
+    def fc1(model: Student) -> torch.Tensor:
+        layer = next(m for m in model.decoder.modules() if isinstance(m, Mask2FormerMaskedAttentionDecoderLayer))
+        return layer.fc1.weight
+
+    xavier_bound = math.sqrt(6 / (32 + 64))  # fc1: 32 -> 64; PyTorch's default bound would be 1/sqrt(32) = 0.177
+    assert fc1(_tiny()).abs().max() > 0.9 * xavier_bound > 1.2 / math.sqrt(32)
+    assert fc1(_tiny(decoder_init="torch")).abs().max() <= 1 / math.sqrt(32)
+    cross = next(m for m in _tiny().decoder.modules() if isinstance(m, Mask2FormerMaskedAttentionDecoderLayer))
+    assert torch.count_nonzero(cross.cross_attn.in_proj_bias) == 0
+    assert Mask2FormerConfig().init_xavier_std == 1.0  # the gain transformers uses

@@ -62,10 +62,10 @@ def test_demo_student_encoder_holds_the_imagenet_weights():
     torch.testing.assert_close(student.encoder.model.conv_stem.weight, reference.conv_stem.weight)
 
 
-def test_demo_teacher_has_at_least_four_times_the_demo_student_parameters():
+def test_demo_teacher_is_larger_than_the_demo_student():
     student = Student(demo_student_config(6, encoder_weights=None))
     teacher = Student(demo_teacher_config(6, encoder_weights=None))
-    assert count_parameters(teacher) >= 4 * count_parameters(student)
+    assert count_parameters(teacher) >= 1.5 * count_parameters(student)
     assert count_parameters(student) < 5e6
 
 
@@ -73,9 +73,9 @@ def test_demo_models_give_the_pipeline_interface_at_demo_size():
     student = Student(demo_student_config(6, encoder_weights=None)).eval()
     with torch.no_grad():
         out = student(torch.rand(2, 3, 128, 128))
-    assert out.mask_logits.shape == (2, 32, 32, 32)
-    assert out.class_logits.shape == (2, 32, 7)
-    assert out.pixel_embeddings.shape == (2, 32, 32, 32)
+    assert out.mask_logits.shape == (2, 12, 64, 64)  # 12 queries, stride-2 masks
+    assert out.class_logits.shape == (2, 12, 7)
+    assert out.pixel_embeddings.shape == (2, 32, 32, 32)  # stride-4 embeddings
     assert len(out.aux_outputs) == 3
 
 
