@@ -351,8 +351,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS_DIR)
     parser.add_argument("--tag", default="bench_learning", help="file name stem of the results")
     parser.add_argument("--ceiling-images", type=int, default=60, help="images per domain for the ceiling table")
+    parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+                        help="no training: combine the results of earlier runs (their JSON files) into one report")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.merge:
+        payloads = [json.loads(path.read_text()) for path in args.merge]
+        write_outputs(args.out, args.tag, {"environment": payloads[0]["environment"], "steps": payloads[0]["steps"],
+                                           "ceilings": payloads[0].get("ceilings", []),
+                                           "results": [r for p in payloads for r in p["results"]],
+                                           "merged_from": [str(path) for path in args.merge]},
+                      num_train=args.num_train, num_eval=args.num_eval, threads=args.threads,
+                      ceiling_images=args.ceiling_images)
+        return
     grid = CEILING_GRID
     if args.smoke:
         args.settings, args.steps, args.eval_every, args.num_train, args.num_eval = args.settings[:2], 4, 2, 8, 4
@@ -363,21 +374,33 @@ def main(argv: list[str] | None = None) -> None:
         run_setting(SETTINGS[name], args.steps, eval_at, args.num_train, args.num_eval, args.seed)
         for name in args.settings
     ]
-    args.out.mkdir(parents=True, exist_ok=True)
     payload = {"environment": environment_info(torch.device("cpu")), "steps": args.steps, "ceilings": ceilings,
                "results": results}
-    (args.out / f"{args.tag}.json").write_text(json.dumps(payload, indent=1))
-    plot(results, args.out / f"{args.tag}.png")
+    write_outputs(args.out, args.tag, payload, num_train=args.num_train, num_eval=args.num_eval,
+                  threads=args.threads, ceiling_images=args.ceiling_images)
+
+
+def write_outputs(out: Path, tag: str, payload: dict[str, Any], *, num_train: int, num_eval: int, threads: int,
+                  ceiling_images: int) -> None:
+    """``<tag>.json``, ``<tag>.md`` and ``<tag>.png`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    results, ceilings = payload["results"], payload["ceilings"]
+    (out / f"{tag}.json").write_text(json.dumps(payload, indent=1))
+    plot(results, out / f"{tag}.png")
     ceiling_rows = [[c["image_size"], c["object_scale"], c["mask_stride"],
-                     f"{c['source']['AP']:.1f} / {c['source']['AP50']:.1f}", f"{c['target']['AP']:.1f} / {c['target']['AP50']:.1f}",
+                     f"{c['source']['AP']:.1f} / {c['source']['AP50']:.1f}",
+                     f"{c['target']['AP']:.1f} / {c['target']['AP50']:.1f}",
                      f"{c['source']['median_area']:.0f} / {c['target']['median_area']:.0f}"] for c in ceilings]
+    steps = sorted({r["curve"][-1]["step"] for r in results if r["curve"]})
     text = (f"# Learnability of the demo models\n\n## Resolution ceilings\n\nAP / AP50 of perfect masks on the "
-            f"stride-s grid ({args.ceiling_images} images per domain):\n\n"
+            f"stride-s grid ({ceiling_images} images per domain):\n\n"
             + markdown_table(["image", "object scale", "mask stride", "source", "target", "median area src / tgt"],
                              ceiling_rows)
-            + f"\n\n## Learning curves\n\n{args.steps} steps, {args.num_train} source training images, "
-            f"{args.num_eval} held-out source and target images, {args.threads} thread(s).\n\n{report(results)}\n")
-    (args.out / f"{args.tag}.md").write_text(text)
+            + f"\n\n## Learning curves\n\n{'/'.join(map(str, steps))} steps, {num_train} source training images, "
+            f"{num_eval} held-out source and target images, {threads} thread(s); `q` is the prediction from the "
+            f"queries before any decoder layer, `L1`… after each layer (the last is the model's output).\n\n"
+            f"{report(results)}\n")
+    (out / f"{tag}.md").write_text(text)
     print(text)
 
 
