@@ -123,21 +123,21 @@ def paper_order_checks(results: Mapping[str, Mapping[str, float]]) -> list[Order
     return checks
 
 
-def _plot_learning_curves(run: Path, path: Path, ceiling: float | None) -> bool:
-    """Validation AP vs step of every trained stage (the engine's periodic evaluations)."""
+def _plot_learning_curves(run: Path, path: Path, ceiling: float | None, extra: Mapping[str, Path] | None = None) -> bool:
+    """Validation AP vs step of every trained stage (the engine's periodic evaluations), plus ``extra`` logs."""
+    logs = {STAGE_LABELS[stage][0]: run / stage / "metrics.jsonl" for stage in TRAINED_STAGES}
     curves = {}
-    for stage in TRAINED_STAGES:
-        records = [r for r in read_metrics(run / stage / "metrics.jsonl") if r.get("kind") == "eval" and "AP" in r]
+    for label, log in {**(extra or {}), **logs}.items():
+        records = [r for r in read_metrics(log) if r.get("kind") == "eval" and "AP" in r]
         if records:
-            curves[stage] = records
+            curves[label] = records
     if not curves:
         return False
     figure = Figure(figsize=(7.5, 4.2), dpi=110, layout="constrained")
     FigureCanvasAgg(figure)
     axis = figure.add_subplot(1, 1, 1)
-    for stage, records in curves.items():
-        axis.plot([r["step"] for r in records], [r["AP"] for r in records], marker="o", markersize=3,
-                  label=STAGE_LABELS[stage][0])
+    for label, records in curves.items():
+        axis.plot([r["step"] for r in records], [r["AP"] for r in records], marker="o", markersize=3, label=label)
     if ceiling is not None:
         axis.axhline(ceiling, color="grey", linestyle="--", linewidth=0.8, label=f"resolution ceiling {ceiling:.0f}")
     axis.set_xlabel("step of the stage")
@@ -268,7 +268,12 @@ def write_report(cfg: PipelineConfig, results: Mapping[str, Mapping[str, float]]
     has_overlays = _overlays(cfg, run / "overlays.png")
     ceiling_file = run / "resolution_ceiling.json"
     ceiling = json.loads(ceiling_file.read_text()) if ceiling_file.is_file() else None
-    has_curves = _plot_learning_curves(run, run / "learning_curves.png", ceiling["AP"] if ceiling else None)
+    extra = {}
+    if cfg.teacher_kind == "demo":
+        from .stages import demo_teacher_cache
+
+        extra["teacher pretraining (source)"] = demo_teacher_cache(cfg) / "metrics.jsonl"
+    has_curves = _plot_learning_curves(run, run / "learning_curves.png", ceiling["AP"] if ceiling else None, extra)
     lines = [
         "# Three-stage distillation: demo report",
         "",
@@ -320,8 +325,9 @@ def write_report(cfg: PipelineConfig, results: Mapping[str, Mapping[str, float]]
         lines.append(f"- Pseudo-labels `{quality_file.stem.replace('_quality', '')}`: {text}")
     lines += ["", "## Plots", "", "![AP per stage](ap_per_stage.png)", ""]
     if has_curves:
-        lines += [("Validation AP during each stage's training (seed 0); the dashed line is the AP that perfect "
-                   "masks at the model's output resolution reach (its resolution ceiling)."), "",
+        lines += [("Target-validation AP during each stage's training (seed 0; the teacher's pretraining trains on the "
+                   "source domain, so its curve is the zero-shot AP); the dashed line is the AP that perfect masks at "
+                   "the model's output resolution reach (its resolution ceiling)."), "",
                   "![Learning curves](learning_curves.png)", ""]
     lines += ["![Loss terms](loss_curves.png)", ""]
     if has_contrast:
