@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,18 +28,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import DEFAULT_RESULTS_DIR, environment_info, markdown_table, write_report  # noqa: E402
-from reference_pipeline.data.structures import InstanceSample  # noqa: E402
-from reference_pipeline.data.synthetic import THING_CLASSES, SyntheticConfig, synthetic_sample  # noqa: E402
-from reference_pipeline.evaluate import CocoMaskEvaluator, resolution_ceiling  # noqa: E402
-from reference_pipeline.losses import CriterionConfig, SetCriterion  # noqa: E402
-from reference_pipeline.models.demo import demo_student_config, demo_teacher_config  # noqa: E402
-from reference_pipeline.models.outputs import InstanceTargets, SegmentationOutput  # noqa: E402
-from reference_pipeline.models.student import Student  # noqa: E402
+from benchmarks.common import DEFAULT_RESULTS_DIR, environment_info, markdown_table
+from reference_pipeline.data.structures import InstanceSample
+from reference_pipeline.data.synthetic import THING_CLASSES, SyntheticConfig, synthetic_sample
+from reference_pipeline.evaluate import CocoMaskEvaluator, resolution_ceiling
+from reference_pipeline.losses import CriterionConfig, SetCriterion
+from reference_pipeline.models.demo import demo_student_config, demo_teacher_config
+from reference_pipeline.models.outputs import InstanceTargets, SegmentationOutput
+from reference_pipeline.models.student import Student
 
 
 @dataclass

@@ -292,8 +292,8 @@ def write_report(cfg: PipelineConfig, results: Mapping[str, Mapping[str, float]]
             if cfg.teacher_kind == "demo" else "Grounding-DINO + SAM2 loaded from local weights."
         ),
         "",
-        "| model | architecture | mask AP | AP50 | mask AP over seeds | parameters | CPU latency / image | "
-        "stage wall time |",
+        ("| model | architecture | mask AP | AP50 | mask AP over seeds | parameters | CPU latency / image | "
+         "stage wall time |"),
         "|---|---|---|---|---|---|---|---|",
     ]
     from .ablate import summarize
