@@ -346,23 +346,29 @@ def build_optimizer(
         model: the model (parameters not in ``model`` are rejected).
         config: learning rates, weight decay and betas.
         param_groups: ``{name: parameters}``; ``None`` puts every trainable parameter in one group
-            ``"all"`` at ``lr_decoder``. Frozen parameters (``requires_grad=False``) are skipped.
+            ``"all"`` at ``lr_decoder``. Frozen parameters (``requires_grad=False``) are skipped, and a
+            group whose parameters are all frozen (a teacher's backbones) is left out.
 
     Returns:
         The optimizer; each group keeps its ``"name"``.
 
     Raises:
-        ValueError: on an empty group, a parameter in two groups or a parameter that is not the model's.
+        ValueError: on a group given no parameters at all, a model with no trainable parameter, a
+            parameter in two groups or a parameter that is not the model's.
     """
     owned = {id(p): name for name, p in model.named_parameters()}
     if param_groups is None:
-        param_groups = {"all": [p for p in model.parameters() if p.requires_grad]}
+        param_groups = {"all": list(model.parameters())}
     seen: dict[int, str] = {}
     groups = []
     for name, params in param_groups.items():
+        params = list(params)
+        if not params:
+            raise ValueError(f"parameter group {name!r} is empty (it was given no parameters)")
         trainable = [p for p in params if p.requires_grad]
         if not trainable:
-            raise ValueError(f"parameter group {name!r} has no trainable parameters")
+            logger.info("parameter group %r is frozen (%d parameter tensors): not optimized", name, len(params))
+            continue
         for p in trainable:
             if id(p) not in owned:
                 raise ValueError(f"parameter group {name!r} holds a parameter that is not in the model")
@@ -371,6 +377,8 @@ def build_optimizer(
             seen[id(p)] = name
         lr = config.lr_encoder if name == "encoder" else config.lr_decoder
         groups.append({"params": trainable, "lr": lr, "name": name})
+    if not groups:
+        raise ValueError(f"nothing to train: every parameter of {type(model).__name__} is frozen")
     left_out = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
     if left_out:
         logger.warning(

@@ -434,7 +434,8 @@ def make_pseudo_labels(
         progress=progress, desc=f"pseudo-label ({path.stem})",
     ):
         sample = prediction.sample
-        labels = pseudo_label(prediction.mask_logits, prediction.class_logits, (sample.height, sample.width), cfg.pseudo_labels)
+        labels = pseudo_label(prediction.mask_logits, prediction.class_logits, (sample.height, sample.width),
+                              cfg.pseudo_labels, input_size=tuple(cfg.data.image_size))  # logits of the resized input
         pseudo[int(sample.image_id)] = PseudoInstances(
             masks=labels.targets.masks.bool().numpy(),
             class_ids=labels.targets.class_ids.numpy().astype(np.int64),
