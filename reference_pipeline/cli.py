@@ -231,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .config import ConfigError
     from .engine import cleanup_distributed, init_distributed
 
+    info = None
     try:
         info = init_distributed()  # under torchrun: one process group for every stage of the command
         COMMANDS[args.command](args)
@@ -241,11 +242,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, NotADirectoryError, PermissionError, CheckpointError, ValueError, OSError) as error:
         if getattr(args, "debug", False):
             raise
-        print(f"error: {error}", file=sys.stderr)
+        _report(f"error{_rank_tag(info)}: {error}", info)
         return 2
+    except Exception as error:  # under torchrun: one line per failing rank instead of a traceback from each
+        if getattr(args, "debug", False) or info is None or not info.distributed:
+            raise
+        _report(f"error{_rank_tag(info)}: {type(error).__name__}: {_first_line(error)} (--debug shows the traceback)",
+                info)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
     finally:
         cleanup_distributed()
     return 0
+
+
+def _rank_tag(info: Any) -> str:
+    """`` on rank r of N`` under torchrun (each rank reports its own error), empty for one process."""
+    return f" on rank {info.rank} of {info.world_size}" if info is not None and info.distributed else ""
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
+
+
+#: Seconds a rank other than 0 waits before printing its error: when rank 0 failed too (the same config,
+#: the same missing file), torchrun stops the other ranks first and the user reads one line, not one per rank.
+RANK_ERROR_DELAY_S = 3.0
+
+
+def _report(line: str, info: Any) -> None:
+    if info is not None and info.distributed and info.rank != 0:
+        time.sleep(RANK_ERROR_DELAY_S)
+    print(line, file=sys.stderr, flush=True)

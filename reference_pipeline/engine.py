@@ -95,6 +95,7 @@ __all__ = [
     "build_scheduler",
     "cleanup_distributed",
     "distributed_info",
+    "freeze_unused_parameters",
     "init_distributed",
     "move_to_device",
     "read_metrics",
@@ -385,6 +386,87 @@ def build_optimizer(
             "%d trainable parameter(s) are in no group and will not be updated, e.g. %s", len(left_out), left_out[:3]
         )
     return AdamW(groups, lr=config.lr_decoder, betas=config.betas, weight_decay=config.weight_decay)
+
+
+def freeze_unused_parameters(
+    model: nn.Module,
+    step_fn: StepFn,
+    batch: Any,
+    *,
+    extra_state: Mapping[str, Stateful] | None = None,
+    amp: str = "none",
+    device: torch.device | None = None,
+) -> list[str]:
+    """Freeze the trainable parameters that one step of ``step_fn`` gives no gradient; return their names.
+
+    A stage may legitimately leave parameters without a gradient: a projection head when
+    ``λ_pxl = 0``, DINOv2's ``mask_token`` (used only by masked-image pretraining), the residual
+    convolution of DPT's first fusion layer, a box head whose boxes are detached. AdamW never updates
+    a parameter without a gradient, so freezing them changes nothing in the training; it keeps them
+    out of the optimizer and out of :class:`~torch.nn.parallel.DistributedDataParallel`, which would
+    otherwise wait for their gradients (or pay ``find_unused_parameters`` on every step).
+
+    One probing forward/backward pass on ``batch`` finds them, with every side effect undone: the RNG
+    states, the model's buffers (batch-norm statistics) and ``extra_state`` (a memory bank) are restored
+    and the gradients dropped. Under ``torch.distributed`` every rank probes its own batch and a
+    parameter is frozen only when no rank gave it a gradient, so all ranks freeze the same set.
+
+    Args:
+        model: the (unwrapped) model, on its training device.
+        step_fn: the stage's ``(model, batch) -> (loss, terms)``.
+        batch: one batch on the model's device.
+        extra_state: state that ``step_fn`` may change (restored afterwards).
+        amp: the autocast mode of the training steps.
+        device: the training device (default: the device of the first parameter).
+
+    Returns:
+        Names of the parameters now frozen (``requires_grad=False``).
+    """
+    trainable = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    if not trainable:
+        return []
+    device = device if device is not None else trainable[0][1].device
+    rng = capture_rng_state()
+    buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
+    saved_extra = {name: _clone_state(obj.state_dict()) for name, obj in (extra_state or {}).items()}
+    previous_grads = [param.grad for _, param in trainable]
+    was_training = model.training
+    model.train()
+    try:
+        for _, param in trainable:
+            param.grad = None
+        with _autocast(amp, device):
+            loss, _terms = step_fn(model, batch)
+        loss.backward()
+        used = torch.tensor([param.grad is not None for _, param in trainable], dtype=torch.float32, device=device)
+    finally:
+        for (_, param), grad in zip(trainable, previous_grads):
+            param.grad = grad
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                buffer.copy_(buffers[name])
+        for name, obj in (extra_state or {}).items():
+            obj.load_state_dict(saved_extra[name])
+        restore_rng_state(rng)
+        model.train(was_training)
+    info = distributed_info()
+    if info.distributed:
+        dist.all_reduce(used, op=dist.ReduceOp.MAX)  # used on some rank = kept
+    unused = [name for (name, param), flag in zip(trainable, used.tolist()) if not flag]
+    for (name, param), flag in zip(trainable, used.tolist()):
+        if not flag:
+            param.requires_grad_(False)
+    return unused
+
+
+def _clone_state(state: Any) -> Any:
+    if isinstance(state, Tensor):
+        return state.detach().clone()
+    if isinstance(state, Mapping):
+        return {key: _clone_state(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_clone_state(value) for value in state)
+    return state
 
 
 def build_scheduler(optimizer: Optimizer, config: TrainConfig) -> LRScheduler:
@@ -700,10 +782,53 @@ def train(
     # ---- model, optimizer, schedule
     _seed_everything(config.seed + info.rank)
     model.to(device)
+    extra_state = dict(extra_state or {})
+    # ---- parameters this step function never gives a gradient are frozen for this call (restored at the end)
+    first_keys = next(iter(ResumableBatchSampler(num_items, config.batch_size, config.seed, 0, 1, info.rank,
+                                                 info.world_size)))
+    first_batch = move_to_device((collate_fn or default_collate)([_KeyedDataset(dataset)[key] for key in first_keys]),
+                                 device)
+    frozen = freeze_unused_parameters(model, step_fn, first_batch, extra_state=extra_state, amp=config.amp,
+                                      device=device)
+    del first_batch
+    if frozen and info.is_main:
+        logger.info("%s: %d parameter tensor(s) get no gradient in this stage and are frozen for it, e.g. %s",
+                    desc, len(frozen), frozen[:4])
+    try:
+        return _train(model, step_fn, dataset, config, run_dir, info=info, device=device, num_items=num_items,
+                      checkpoint_dir=checkpoint_dir, collate_fn=collate_fn, param_groups=param_groups,
+                      evaluate_fn=evaluate_fn, extra_state=extra_state, resume=resume, desc=desc,
+                      progress=progress, started=started)
+    finally:
+        owned = dict(model.named_parameters())
+        for name in frozen:
+            owned[name].requires_grad_(True)
+
+
+def _train(
+    model: nn.Module,
+    step_fn: StepFn,
+    dataset: Any,
+    config: TrainConfig,
+    run_dir: Path,
+    *,
+    info: DistInfo,
+    device: torch.device,
+    num_items: int,
+    checkpoint_dir: Path,
+    collate_fn: Callable[[list[Any]], Any] | None,
+    param_groups: Mapping[str, Sequence[nn.Parameter]] | None,
+    evaluate_fn: EvaluateFn | None,
+    extra_state: dict[str, Stateful],
+    resume: bool,
+    desc: str,
+    progress: bool,
+    started: float,
+) -> TrainResult:
+    """The loop of :func:`train` once the run directory is checked and unused parameters are frozen."""
     optimizer = build_optimizer(model, config, param_groups)
     scheduler = build_scheduler(optimizer, config)
     scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" else None
-    extra_state = dict(extra_state or {})
     window = _Window()
     last_train: dict[str, Any] = {}
     last_eval: dict[str, Any] = {}

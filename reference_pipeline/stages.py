@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from instcontrast import InstanceAwarePixelContrast, PixelMemoryBank
 from instcontrast.views import ViewGeometry
 
-from .checkpoint import load_weights, save_weights
+from .checkpoint import check_writable, load_weights, save_weights
 from .config import TrainConfig
 from .data import CityscapesInstanceDataset, CocoInstanceDataset, SubsetDataset, make_label_split
 from .data.ade20k import ADE20KInstanceDataset
@@ -558,6 +558,7 @@ def adapt_teacher(cfg: PipelineConfig, datasets: Datasets, *, resume: bool = Tru
 
     Writes ``teacher_finetune/``, ``pseudo_labels_finetuned.json`` and ``teacher_adapted/``.
     """
+    check_writable(cfg.run_path)
     teacher, _ = pretrained_teacher(cfg, datasets, progress=progress)
     initial = {k: v.clone() for k, v in teacher.state_dict().items()}
     finetune = train_stage("teacher_finetune", teacher, cfg, cfg.teacher_finetune, datasets, resume=resume,
@@ -570,21 +571,29 @@ def adapt_teacher(cfg: PipelineConfig, datasets: Datasets, *, resume: bool = Tru
 
 
 def distill(cfg: PipelineConfig, datasets: Datasets, *, resume: bool = True, progress: bool = True) -> StageResult:
-    """Stage 2: pseudo-label ``Dᵘ`` with the frozen adapted teacher and train the student with ``J``."""
+    """Stage 2: pseudo-label ``Dᵘ`` with the frozen adapted teacher and train the student with ``J``.
+
+    Everything the stage reads or writes is checked first (the adapted teacher, the teacher's and the
+    student's pretrained weights, a writable run directory), not after hours of pseudo-labelling.
+    """
+    check_writable(cfg.run_path)
+    adapted = _require(_stage_path(cfg, "teacher_adapted"), "adapt-teacher")
+    student = build_student(cfg, len(datasets.class_names))  # reads student.encoder_weights
     teacher = build_teacher(cfg, datasets.class_names)
-    load_weights(teacher, _require(_stage_path(cfg, "teacher_adapted"), "adapt-teacher"))
+    load_weights(teacher, adapted)
     teacher.requires_grad_(False)
     pseudo = make_pseudo_labels(teacher, cfg, datasets, cfg.run_path / "pseudo_labels_adapted.json", progress=progress)
     del teacher
-    student = build_student(cfg, len(datasets.class_names))
     return train_stage("student_distill", student, cfg, cfg.distill, datasets, pseudo=pseudo, resume=resume,
                        progress=progress, seed_offset=3)
 
 
 def refine(cfg: PipelineConfig, datasets: Datasets, *, resume: bool = True, progress: bool = True) -> StageResult:
     """Stage 3: fine-tune the distilled student on ``Dˡ`` only."""
+    check_writable(cfg.run_path)
+    distilled = _require(_stage_path(cfg, "student_distill"), "distill")
     student = build_student(cfg, len(datasets.class_names))
-    load_weights(student, _require(_stage_path(cfg, "student_distill"), "distill"))
+    load_weights(student, distilled)
     return train_stage("student_refine", student, cfg, cfg.refine, datasets, resume=resume, progress=progress,
                        seed_offset=4)
 

@@ -87,6 +87,7 @@ __all__ = [
     "TeacherConfig",
     "build_prompt",
     "check_tokenizer",
+    "check_weights",
     "class_logits_from_phrase_scores",
     "detector_input_size",
     "encode_prompt",
@@ -618,12 +619,7 @@ class FoundationTeacher(nn.Module):
             FileNotFoundError: naming the missing files and where to place them.
         """
         detector_class = _DETECTOR_CLASSES[config.detector_kind]
-        _check_weights_dir(
-            config.detector_path, "Grounding-DINO detector", "detector_path", _DETECTOR_LAYOUT, tokenizer=True
-        )
-        _check_weights_dir(
-            config.segmenter_path, "SAM2 segmenter", "segmenter_path", _SEGMENTER_LAYOUT, tokenizer=False
-        )
+        check_weights(config)
         detector = _load_model(detector_class, config.detector_path, "Grounding-DINO detector", "detector_path")
         segmenter = _load_model(Sam2Model, config.segmenter_path, "SAM2 segmenter", "segmenter_path")
         tokenizer = load_tokenizer(config.detector_path)
@@ -893,7 +889,19 @@ def _expected_layout(path: str, files: Sequence[str]) -> str:
 
 
 def _is_hub_id(path: str) -> bool:
-    return not Path(path).exists() and path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    """A path that is not on disk but names a repository in the local hub cache (``org/name``).
+
+    ``weights/grounding-dino-large`` (the configs' default folder) has the shape of a hub id too: only an
+    entry in the hub cache makes it one, so a missing folder gets the message naming its files.
+    """
+    if Path(path).exists() or path.count("/") != 1 or path.startswith((".", "/", "~")):
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(path, "config.json"), str)
+    except ValueError:  # not a valid repository id
+        return False
 
 
 def _check_weights_dir(path: str, what: str, option: str, files: Sequence[str], tokenizer: bool) -> None:
@@ -925,6 +933,18 @@ def _check_weights_dir(path: str, what: str, option: str, files: Sequence[str], 
             f"the checkpoint in transformers `save_pretrained` format there, or set TeacherConfig.{option}:\n"
             f"{_expected_layout(path, files)}\n{hint}, or pass a hub id already in the local hub cache."
         )
+
+
+def check_weights(config: TeacherConfig) -> None:
+    """Check that both weights folders (or cached hub ids) of ``config`` exist and hold their files.
+
+    Cheap (no weights are read): the stages call it before any long work.
+
+    Raises:
+        FileNotFoundError: naming the folder, the files expected in it and how to get them.
+    """
+    _check_weights_dir(config.detector_path, "Grounding-DINO detector", "detector_path", _DETECTOR_LAYOUT, tokenizer=True)
+    _check_weights_dir(config.segmenter_path, "SAM2 segmenter", "segmenter_path", _SEGMENTER_LAYOUT, tokenizer=False)
 
 
 def _load_model(model_class: type, path: str, what: str, option: str) -> nn.Module:

@@ -87,3 +87,61 @@ def test_pseudo_labels_of_a_resized_input_are_at_the_native_size() -> None:
     assert labels.targets.masks.shape == (1, 128, 256)
     area = int(labels.targets.masks.sum())
     assert math.isclose(area, 32 * 64, rel_tol=0.05)  # a 16x32 region of the input, doubled each way
+
+
+# ---- 2. parameters a stage gives no gradient are frozen for it (no find_unused_parameters under DDP) ----
+
+
+class _HalfUsed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(3, 3)
+        self.norm = nn.BatchNorm1d(3)
+        self.head = nn.Linear(3, 2)  # like a projection head when λ_pxl = 0
+        self.token = nn.Parameter(torch.zeros(3))  # like DINOv2's mask token
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.used(x))
+
+
+def test_parameters_without_gradient_are_frozen_and_the_probe_leaves_no_trace() -> None:
+    from instcontrast import PixelMemoryBank
+    from reference_pipeline.engine import freeze_unused_parameters
+
+    model = _HalfUsed()
+    bank = PixelMemoryBank(4, 3, size=8)
+
+    def step_fn(module: nn.Module, batch: torch.Tensor):
+        out = module(batch) * torch.rand(())  # consumes the RNG
+        bank.enqueue(torch.randn(out.shape[0], 4), torch.ones(out.shape[0], 3))
+        return out.square().mean(), {}
+
+    model.used.weight.grad = torch.ones(3, 3)  # an existing gradient survives
+    bank_before = {k: v.clone() for k, v in bank.state_dict().items()}
+    stats_before = model.norm.running_mean.clone()
+    batch = torch.randn(5, 3)
+    rng = torch.get_rng_state()
+    frozen = freeze_unused_parameters(model, step_fn, batch, extra_state={"bank": bank})
+    assert sorted(frozen) == ["head.bias", "head.weight", "token"]
+    assert not model.head.weight.requires_grad and not model.token.requires_grad and model.used.weight.requires_grad
+    assert torch.equal(model.used.weight.grad, torch.ones(3, 3)) and model.head.weight.grad is None
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.equal(model.norm.running_mean, stats_before)
+    assert all(torch.equal(bank.state_dict()[k], v) for k, v in bank_before.items())
+
+
+def test_training_restores_the_stage_frozen_parameters_afterwards(tmp_path) -> None:
+    from reference_pipeline.engine import train
+
+    model = _HalfUsed()
+    seen: list[bool] = []
+
+    def step_fn(module: nn.Module, batch: torch.Tensor):
+        seen.append(model.head.weight.requires_grad)
+        return module(batch).square().mean(), {}
+
+    data = [torch.randn(3) for _ in range(4)]
+    train(model, step_fn, data, TrainConfig(steps=2, batch_size=2, log_every=1, checkpoint_every=0), tmp_path,
+          progress=False)  # fmt: skip
+    assert seen[1:] == [False, False]  # frozen while the stage trains (seen[0] is the probe)
+    assert model.head.weight.requires_grad and model.token.requires_grad  # and trainable again afterwards
