@@ -792,8 +792,9 @@ def train(
                                       device=device)
     del first_batch
     if frozen and info.is_main:
-        logger.info("%s: %d parameter tensor(s) get no gradient in this stage and are frozen for it, e.g. %s",
-                    desc, len(frozen), frozen[:4])
+        shown = ", ".join(frozen[:12]) + (f", … ({len(frozen) - 12} more)" if len(frozen) > 12 else "")
+        logger.info("%s: %d parameter tensor(s) get no gradient in this stage and are frozen for it: %s",
+                    desc, len(frozen), shown)
     try:
         return _train(model, step_fn, dataset, config, run_dir, info=info, device=device, num_items=num_items,
                       checkpoint_dir=checkpoint_dir, collate_fn=collate_fn, param_groups=param_groups,

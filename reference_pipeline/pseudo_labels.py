@@ -214,7 +214,9 @@ def pseudo_label(
             if len(kept) == config.max_instances:
                 break
             query = candidates[slot : slot + 1]  # (1,) one query at a time: memory stays O(H·W)
-            logits = resize_mask_logits(mask_logits.detach()[query], (height, width), config.mask_stride, input_size)[0]  # (H, W)
+            logits = resize_mask_logits(
+                mask_logits.detach()[query], (height, width), config.mask_stride, input_size
+            )[0]  # (H, W)
             full = logits > logit_threshold  # (H, W) same as sigmoid(logits) > mask_threshold
             full_area = int(full.sum())
             visible = full & ~taken  # (H, W)

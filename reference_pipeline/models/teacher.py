@@ -943,7 +943,9 @@ def check_weights(config: TeacherConfig) -> None:
     Raises:
         FileNotFoundError: naming the folder, the files expected in it and how to get them.
     """
-    _check_weights_dir(config.detector_path, "Grounding-DINO detector", "detector_path", _DETECTOR_LAYOUT, tokenizer=True)
+    _check_weights_dir(
+        config.detector_path, "Grounding-DINO detector", "detector_path", _DETECTOR_LAYOUT, tokenizer=True
+    )
     _check_weights_dir(config.segmenter_path, "SAM2 segmenter", "segmenter_path", _SEGMENTER_LAYOUT, tokenizer=False)
 
 
