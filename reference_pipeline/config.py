@@ -103,7 +103,7 @@ class TrainConfig:
         device: ``"auto"`` (the local GPU when available, else CPU), ``"cpu"`` or ``"cuda"``.
         ddp_find_unused_parameters: let DDP handle parameters that get a gradient in some steps but
             not in others; slower, so off by default. Parameters a stage never gives a gradient (a head
-            it does not use) need nothing: :func:`~reference_pipeline.engine.train` freezes them.
+            it does not use) need nothing: :func:`~reference_pipeline.engine.train` leaves them out of DDP.
 
     Raises:
         ValueError: on an out-of-range value (naming it).

@@ -782,54 +782,10 @@ def train(
     # ---- model, optimizer, schedule
     _seed_everything(config.seed + info.rank)
     model.to(device)
-    extra_state = dict(extra_state or {})
-    # ---- parameters this step function never gives a gradient are frozen for this call (restored at the end)
-    first_keys = next(iter(ResumableBatchSampler(num_items, config.batch_size, config.seed, 0, 1, info.rank,
-                                                 info.world_size)))
-    first_batch = move_to_device((collate_fn or default_collate)([_KeyedDataset(dataset)[key] for key in first_keys]),
-                                 device)
-    frozen = freeze_unused_parameters(model, step_fn, first_batch, extra_state=extra_state, amp=config.amp,
-                                      device=device)
-    del first_batch
-    if frozen and info.is_main:
-        shown = ", ".join(frozen[:12]) + (f", … ({len(frozen) - 12} more)" if len(frozen) > 12 else "")
-        logger.info("%s: %d parameter tensor(s) get no gradient in this stage and are frozen for it: %s",
-                    desc, len(frozen), shown)
-    try:
-        return _train(model, step_fn, dataset, config, run_dir, info=info, device=device, num_items=num_items,
-                      checkpoint_dir=checkpoint_dir, collate_fn=collate_fn, param_groups=param_groups,
-                      evaluate_fn=evaluate_fn, extra_state=extra_state, resume=resume, desc=desc,
-                      progress=progress, started=started)
-    finally:
-        owned = dict(model.named_parameters())
-        for name in frozen:
-            owned[name].requires_grad_(True)
-
-
-def _train(
-    model: nn.Module,
-    step_fn: StepFn,
-    dataset: Any,
-    config: TrainConfig,
-    run_dir: Path,
-    *,
-    info: DistInfo,
-    device: torch.device,
-    num_items: int,
-    checkpoint_dir: Path,
-    collate_fn: Callable[[list[Any]], Any] | None,
-    param_groups: Mapping[str, Sequence[nn.Parameter]] | None,
-    evaluate_fn: EvaluateFn | None,
-    extra_state: dict[str, Stateful],
-    resume: bool,
-    desc: str,
-    progress: bool,
-    started: float,
-) -> TrainResult:
-    """The loop of :func:`train` once the run directory is checked and unused parameters are frozen."""
     optimizer = build_optimizer(model, config, param_groups)
     scheduler = build_scheduler(optimizer, config)
     scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" else None
+    extra_state = dict(extra_state or {})
     window = _Window()
     last_train: dict[str, Any] = {}
     last_eval: dict[str, Any] = {}
@@ -895,6 +851,20 @@ def _train(
         generator=torch.Generator().manual_seed(config.seed),  # worker seeds do not consume the model RNG
     )
     train_model: nn.Module = model
+    frozen: list[str] = []
+    if info.distributed and not config.ddp_find_unused_parameters:
+        # parameters this stage never gives a gradient stay out of DDP (frozen for this call, restored at the end);
+        # they stay in the optimizer, which skips them, so its layout does not depend on the world size
+        first_keys = next(iter(ResumableBatchSampler(num_items, config.batch_size, config.seed, start_step,
+                                                     start_step + 1, info.rank, info.world_size)))
+        first_batch = (collate_fn or default_collate)([_KeyedDataset(dataset)[key] for key in first_keys])
+        frozen = freeze_unused_parameters(model, step_fn, move_to_device(first_batch, device),
+                                          extra_state=extra_state, amp=config.amp, device=device)
+        del first_batch
+        if frozen and info.is_main:
+            shown = ", ".join(frozen[:12]) + (f", … ({len(frozen) - 12} more)" if len(frozen) > 12 else "")
+            logger.info("%s: %d parameter tensor(s) get no gradient in this stage and are left out of DDP: %s",
+                        desc, len(frozen), shown)
     if info.distributed:
         train_model = nn.parallel.DistributedDataParallel(
             model,
@@ -1016,6 +986,9 @@ def _train(
         bar.close()
         log.close()
         del batches  # stop the workers
+        owned = dict(model.named_parameters())
+        for name in frozen:
+            owned[name].requires_grad_(True)
 
     total = call_times["data_time"] + call_times["step_time"]
     return TrainResult(

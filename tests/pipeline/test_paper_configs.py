@@ -130,18 +130,41 @@ def test_parameters_without_gradient_are_frozen_and_the_probe_leaves_no_trace() 
     assert all(torch.equal(bank.state_dict()[k], v) for k, v in bank_before.items())
 
 
-def test_training_restores_the_stage_frozen_parameters_afterwards(tmp_path) -> None:
-    from reference_pipeline.engine import train
+# ---- 6. SAM2's per-box copies of the image features: bounded by box_chunk, not by the number of boxes ---
 
-    model = _HalfUsed()
-    seen: list[bool] = []
 
-    def step_fn(module: nn.Module, batch: torch.Tensor):
-        seen.append(model.head.weight.requires_grad)
-        return module(batch).square().mean(), {}
+def _saved_bytes(teacher: FoundationTeacher, boxes: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mask logits of the boxes and the bytes autograd keeps for the backward pass of their decoding."""
+    images = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        embeddings = [level.detach() for level in teacher.image_embeddings(images)]
+    saved = 0
 
-    data = [torch.randn(3) for _ in range(4)]
-    train(model, step_fn, data, TrainConfig(steps=2, batch_size=2, log_every=1, checkpoint_every=0), tmp_path,
-          progress=False)  # fmt: skip
-    assert seen[1:] == [False, False]  # frozen while the stage trains (seen[0] is the probe)
-    assert model.head.weight.requires_grad and model.token.requires_grad  # and trainable again afterwards
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        masks = teacher.segment(embeddings, boxes)
+    return masks, saved
+
+
+def test_sam2_decodes_many_boxes_in_checkpointed_chunks_with_the_same_masks_and_gradients() -> None:
+    torch.manual_seed(0)
+    corner = torch.rand(1, 12, 2) * 0.5
+    boxes = torch.cat([corner, corner + 0.1 + 0.4 * torch.rand(1, 12, 2)], dim=-1)  # (x0, y0, x1, y1)
+    teacher = _teacher()
+    one_pass, one_pass_bytes = _saved_bytes(teacher, boxes)
+    one_pass.square().mean().backward()
+    grads = [p.grad.clone() for p in teacher.segmenter.mask_decoder.parameters() if p.grad is not None]
+    teacher.zero_grad(set_to_none=True)
+    teacher.config.box_chunk = 4
+    chunked, chunked_bytes = _saved_bytes(teacher, boxes)
+    chunked.square().mean().backward()
+    chunked_grads = [p.grad for p in teacher.segmenter.mask_decoder.parameters() if p.grad is not None]
+    torch.testing.assert_close(chunked, one_pass)
+    assert len(grads) == len(chunked_grads) > 0
+    for expected, got in zip(grads, chunked_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    assert chunked_bytes * 5 < one_pass_bytes  # the per-box activations are recomputed, not kept
