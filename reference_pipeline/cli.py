@@ -268,12 +268,19 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
-#: Seconds a rank other than 0 waits before printing its error: when rank 0 failed too (the same config,
-#: the same missing file), torchrun stops the other ranks first and the user reads one line, not one per rank.
-RANK_ERROR_DELAY_S = 3.0
-
-
 def _report(line: str, info: Any) -> None:
-    if info is not None and info.distributed and info.rank != 0:
-        time.sleep(RANK_ERROR_DELAY_S)
+    """Print a rank's one-line error, once per torchrun launch: the first failing rank speaks.
+
+    The ranks usually fail alike (the same config, the same missing folder); a counter in torchrun's
+    store (which outlives the ranks) lets the first one print and the others stay silent. A rank-local
+    failure is first by definition, so it is never hidden.
+    """
+    if info is not None and info.distributed:
+        try:
+            import torch.distributed as dist
+
+            if dist.distributed_c10d._get_default_store().add("reference_pipeline/errors", 1) != 1:
+                return
+        except Exception:  # no store reachable: print rather than hide the error
+            pass
     print(line, file=sys.stderr, flush=True)

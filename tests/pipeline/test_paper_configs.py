@@ -163,8 +163,37 @@ def test_sam2_decodes_many_boxes_in_checkpointed_chunks_with_the_same_masks_and_
     chunked, chunked_bytes = _saved_bytes(teacher, boxes)
     chunked.square().mean().backward()
     chunked_grads = [p.grad for p in teacher.segmenter.mask_decoder.parameters() if p.grad is not None]
-    torch.testing.assert_close(chunked, one_pass)
+    torch.testing.assert_close(chunked, one_pass, rtol=1e-4, atol=1e-4)  # other batch sizes, other kernels
     assert len(grads) == len(chunked_grads) > 0
     for expected, got in zip(grads, chunked_grads):
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-5)
     assert chunked_bytes * 5 < one_pass_bytes  # the per-box activations are recomputed, not kept
+
+
+# ---- 3. a missing weights folder given like the configs' defaults ------------------------------------
+
+
+def test_a_missing_relative_weights_folder_is_named_with_its_files_not_taken_for_a_hub_id(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = TeacherConfig(class_names=CLASSES, detector_path="weights/gdino", segmenter_path="weights/sam2")
+    with pytest.raises(FileNotFoundError) as error:
+        FoundationTeacher.from_pretrained_dirs(config)
+    message = str(error.value)
+    assert "'weights/gdino'" in message and "config.json" in message and "tokenizer" in message
+    assert "hub cache (" not in message and "huggingface.co" not in message
+
+
+def test_a_hub_id_present_in_the_local_hub_cache_is_still_read_from_there(tmp_path, monkeypatch) -> None:
+    import huggingface_hub.constants
+
+    from reference_pipeline.models.teacher import _is_hub_id
+
+    snapshot = tmp_path / "models--org--sam2" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "models--org--sam2" / "refs").mkdir()
+    (tmp_path / "models--org--sam2" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert _is_hub_id("org/sam2")
+    assert not _is_hub_id("weights/sam2")
