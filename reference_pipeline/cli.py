@@ -231,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .config import ConfigError
     from .engine import cleanup_distributed, init_distributed
 
+    info = None
     try:
         info = init_distributed()  # under torchrun: one process group for every stage of the command
         COMMANDS[args.command](args)
@@ -241,11 +242,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, NotADirectoryError, PermissionError, CheckpointError, ValueError, OSError) as error:
         if getattr(args, "debug", False):
             raise
-        print(f"error: {error}", file=sys.stderr)
+        _report(f"error{_rank_tag(info)}: {error}", info)
         return 2
+    except Exception as error:  # under torchrun: one line per failing rank instead of a traceback from each
+        if getattr(args, "debug", False) or info is None or not info.distributed:
+            raise
+        _report(f"error{_rank_tag(info)}: {type(error).__name__}: {_first_line(error)} (--debug shows the traceback)",
+                info)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
     finally:
         cleanup_distributed()
     return 0
+
+
+def _rank_tag(info: Any) -> str:
+    """`` on rank r of N`` under torchrun (each rank reports its own error), empty for one process."""
+    return f" on rank {info.rank} of {info.world_size}" if info is not None and info.distributed else ""
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _report(line: str, info: Any) -> None:
+    """Print a rank's one-line error, once per torchrun launch: the first failing rank speaks.
+
+    The ranks usually fail alike (the same config, the same missing folder); a counter in torchrun's
+    store (which outlives the ranks) lets the first one print and the others stay silent. A rank-local
+    failure is first by definition, so it is never hidden.
+    """
+    if info is not None and info.distributed:
+        try:
+            import torch.distributed as dist
+
+            if dist.distributed_c10d._get_default_store().add("reference_pipeline/errors", 1) != 1:
+                return
+        except Exception:  # no store reachable: print rather than hide the error
+            pass
+    print(line, file=sys.stderr, flush=True)

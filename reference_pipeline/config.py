@@ -101,8 +101,9 @@ class TrainConfig:
         num_workers: ``DataLoader`` worker processes (0 = load in the main process).
         seed: seed of the model-side RNGs and of the data order.
         device: ``"auto"`` (the local GPU when available, else CPU), ``"cpu"`` or ``"cuda"``.
-        ddp_find_unused_parameters: let DDP handle parameters that get no gradient in a step (e.g.
-            heads a stage does not use); slower, so off by default.
+        ddp_find_unused_parameters: let DDP handle parameters that get a gradient in some steps but
+            not in others; slower, so off by default. Parameters a stage never gives a gradient (a head
+            it does not use) need nothing: :func:`~reference_pipeline.engine.train` leaves them out of DDP.
 
     Raises:
         ValueError: on an out-of-range value (naming it).

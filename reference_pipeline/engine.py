@@ -95,6 +95,7 @@ __all__ = [
     "build_scheduler",
     "cleanup_distributed",
     "distributed_info",
+    "freeze_unused_parameters",
     "init_distributed",
     "move_to_device",
     "read_metrics",
@@ -346,23 +347,29 @@ def build_optimizer(
         model: the model (parameters not in ``model`` are rejected).
         config: learning rates, weight decay and betas.
         param_groups: ``{name: parameters}``; ``None`` puts every trainable parameter in one group
-            ``"all"`` at ``lr_decoder``. Frozen parameters (``requires_grad=False``) are skipped.
+            ``"all"`` at ``lr_decoder``. Frozen parameters (``requires_grad=False``) are skipped, and a
+            group whose parameters are all frozen (a teacher's backbones) is left out.
 
     Returns:
         The optimizer; each group keeps its ``"name"``.
 
     Raises:
-        ValueError: on an empty group, a parameter in two groups or a parameter that is not the model's.
+        ValueError: on a group given no parameters at all, a model with no trainable parameter, a
+            parameter in two groups or a parameter that is not the model's.
     """
     owned = {id(p): name for name, p in model.named_parameters()}
     if param_groups is None:
-        param_groups = {"all": [p for p in model.parameters() if p.requires_grad]}
+        param_groups = {"all": list(model.parameters())}
     seen: dict[int, str] = {}
     groups = []
     for name, params in param_groups.items():
+        params = list(params)
+        if not params:
+            raise ValueError(f"parameter group {name!r} is empty (it was given no parameters)")
         trainable = [p for p in params if p.requires_grad]
         if not trainable:
-            raise ValueError(f"parameter group {name!r} has no trainable parameters")
+            logger.info("parameter group %r is frozen (%d parameter tensors): not optimized", name, len(params))
+            continue
         for p in trainable:
             if id(p) not in owned:
                 raise ValueError(f"parameter group {name!r} holds a parameter that is not in the model")
@@ -371,12 +378,95 @@ def build_optimizer(
             seen[id(p)] = name
         lr = config.lr_encoder if name == "encoder" else config.lr_decoder
         groups.append({"params": trainable, "lr": lr, "name": name})
+    if not groups:
+        raise ValueError(f"nothing to train: every parameter of {type(model).__name__} is frozen")
     left_out = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
     if left_out:
         logger.warning(
             "%d trainable parameter(s) are in no group and will not be updated, e.g. %s", len(left_out), left_out[:3]
         )
     return AdamW(groups, lr=config.lr_decoder, betas=config.betas, weight_decay=config.weight_decay)
+
+
+def freeze_unused_parameters(
+    model: nn.Module,
+    step_fn: StepFn,
+    batch: Any,
+    *,
+    extra_state: Mapping[str, Stateful] | None = None,
+    amp: str = "none",
+    device: torch.device | None = None,
+) -> list[str]:
+    """Freeze the trainable parameters that one step of ``step_fn`` gives no gradient; return their names.
+
+    A stage may legitimately leave parameters without a gradient: a projection head when
+    ``λ_pxl = 0``, DINOv2's ``mask_token`` (used only by masked-image pretraining), the residual
+    convolution of DPT's first fusion layer, a box head whose boxes are detached. AdamW never updates
+    a parameter without a gradient, so freezing them changes nothing in the training; it keeps them
+    out of the optimizer and out of :class:`~torch.nn.parallel.DistributedDataParallel`, which would
+    otherwise wait for their gradients (or pay ``find_unused_parameters`` on every step).
+
+    One probing forward/backward pass on ``batch`` finds them, with every side effect undone: the RNG
+    states, the model's buffers (batch-norm statistics) and ``extra_state`` (a memory bank) are restored
+    and the gradients dropped. Under ``torch.distributed`` every rank probes its own batch and a
+    parameter is frozen only when no rank gave it a gradient, so all ranks freeze the same set.
+
+    Args:
+        model: the (unwrapped) model, on its training device.
+        step_fn: the stage's ``(model, batch) -> (loss, terms)``.
+        batch: one batch on the model's device.
+        extra_state: state that ``step_fn`` may change (restored afterwards).
+        amp: the autocast mode of the training steps.
+        device: the training device (default: the device of the first parameter).
+
+    Returns:
+        Names of the parameters now frozen (``requires_grad=False``).
+    """
+    trainable = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    if not trainable:
+        return []
+    device = device if device is not None else trainable[0][1].device
+    rng = capture_rng_state()
+    buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
+    saved_extra = {name: _clone_state(obj.state_dict()) for name, obj in (extra_state or {}).items()}
+    previous_grads = [param.grad for _, param in trainable]
+    was_training = model.training
+    model.train()
+    try:
+        for _, param in trainable:
+            param.grad = None
+        with _autocast(amp, device):
+            loss, _terms = step_fn(model, batch)
+        loss.backward()
+        used = torch.tensor([param.grad is not None for _, param in trainable], dtype=torch.float32, device=device)
+    finally:
+        for (_, param), grad in zip(trainable, previous_grads):
+            param.grad = grad
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                buffer.copy_(buffers[name])
+        for name, obj in (extra_state or {}).items():
+            obj.load_state_dict(saved_extra[name])
+        restore_rng_state(rng)
+        model.train(was_training)
+    info = distributed_info()
+    if info.distributed:
+        dist.all_reduce(used, op=dist.ReduceOp.MAX)  # used on some rank = kept
+    unused = [name for (name, param), flag in zip(trainable, used.tolist()) if not flag]
+    for (name, param), flag in zip(trainable, used.tolist()):
+        if not flag:
+            param.requires_grad_(False)
+    return unused
+
+
+def _clone_state(state: Any) -> Any:
+    if isinstance(state, Tensor):
+        return state.detach().clone()
+    if isinstance(state, Mapping):
+        return {key: _clone_state(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_clone_state(value) for value in state)
+    return state
 
 
 def build_scheduler(optimizer: Optimizer, config: TrainConfig) -> LRScheduler:
@@ -761,6 +851,20 @@ def train(
         generator=torch.Generator().manual_seed(config.seed),  # worker seeds do not consume the model RNG
     )
     train_model: nn.Module = model
+    frozen: list[str] = []
+    if info.distributed and not config.ddp_find_unused_parameters:
+        # parameters this stage never gives a gradient stay out of DDP (frozen for this call, restored at the end);
+        # they stay in the optimizer, which skips them, so its layout does not depend on the world size
+        first_keys = next(iter(ResumableBatchSampler(num_items, config.batch_size, config.seed, start_step,
+                                                     start_step + 1, info.rank, info.world_size)))
+        first_batch = (collate_fn or default_collate)([_KeyedDataset(dataset)[key] for key in first_keys])
+        frozen = freeze_unused_parameters(model, step_fn, move_to_device(first_batch, device),
+                                          extra_state=extra_state, amp=config.amp, device=device)
+        del first_batch
+        if frozen and info.is_main:
+            shown = ", ".join(frozen[:12]) + (f", … ({len(frozen) - 12} more)" if len(frozen) > 12 else "")
+            logger.info("%s: %d parameter tensor(s) get no gradient in this stage and are left out of DDP: %s",
+                        desc, len(frozen), shown)
     if info.distributed:
         train_model = nn.parallel.DistributedDataParallel(
             model,
@@ -882,6 +986,9 @@ def train(
         bar.close()
         log.close()
         del batches  # stop the workers
+        owned = dict(model.named_parameters())
+        for name in frozen:
+            owned[name].requires_grad_(True)
 
     total = call_times["data_time"] + call_times["step_time"]
     return TrainResult(

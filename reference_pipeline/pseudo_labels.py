@@ -119,43 +119,53 @@ class PseudoLabels:
         )
 
 
-def resize_mask_logits(mask_logits: Tensor, image_size: tuple[int, int], stride: int | None = 4) -> Tensor:
+def resize_mask_logits(
+    mask_logits: Tensor, image_size: tuple[int, int], stride: int | None = 4, input_size: tuple[int, int] | None = None
+) -> Tensor:
     """Resize stride-``s`` mask logits to the image (bilinear, pixel centres aligned).
 
-    With a stride, the logit grid covers ``(h·s, w·s) ≥ (H, W)`` pixels (the input's bottom/right
-    padding to a multiple of ``s``): the logits are upsampled by ``s`` and cropped, so each logit
-    cell maps to its own ``s × s`` block of pixels. Without one they are resized to ``(H, W)``.
+    With a stride, the logit grid covers ``(h·s, w·s) ≥ (H_in, W_in)`` pixels of the model's input (its
+    bottom/right padding to a multiple of ``s``): the logits are upsampled by ``s`` and cropped to the
+    input, so each logit cell maps to its own ``s × s`` block of pixels; when the model saw the image
+    resized (``input_size`` differs from ``image_size``, e.g. a 1024×2048 Cityscapes image run at
+    512×1024) the input-size logits are then resized bilinearly to the image. Without a stride they are
+    resized straight to ``(H, W)``.
 
     Args:
         mask_logits: per-query logits.
-        image_size: ``(H, W)``.
+        image_size: ``(H, W)`` of the image the masks are for.
         stride: ``s``, or ``None``.
+        input_size: ``(H_in, W_in)`` the model's input had (default ``image_size``).
 
     Shape:
-        - mask_logits: :math:`(K, h, w)` with :math:`h = \\lceil H/s \\rceil, w = \\lceil W/s \\rceil`
+        - mask_logits: :math:`(K, h, w)` with :math:`h = \\lceil H_{in}/s \\rceil, w = \\lceil W_{in}/s \\rceil`
         - output: :math:`(K, H, W)` float32
 
     Raises:
-        ValueError: if the logit grid does not match ``image_size`` and ``stride``.
+        ValueError: if the logit grid does not match ``input_size`` and ``stride``.
     """
     if mask_logits.ndim != 3:
         raise ValueError(f"mask_logits must be (K, h, w), got {tuple(mask_logits.shape)}")
     height, width = int(image_size[0]), int(image_size[1])
     if height < 1 or width < 1:
         raise ValueError(f"image_size must be positive, got {tuple(image_size)}")
+    in_height, in_width = (height, width) if input_size is None else (int(input_size[0]), int(input_size[1]))
     logits = mask_logits.float()[None]  # (1, K, h, w)
     if mask_logits.shape[0] == 0:
         return logits.new_zeros((0, height, width))
     if stride is None:
         return F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)[0]  # (K, H, W)
     grid_h, grid_w = mask_logits.shape[-2:]
-    if (math.ceil(height / stride), math.ceil(width / stride)) != (grid_h, grid_w):
+    if (math.ceil(in_height / stride), math.ceil(in_width / stride)) != (grid_h, grid_w):
         raise ValueError(
-            f"mask logits of size {grid_h}x{grid_w} do not match an image of {height}x{width} at stride {stride} "
-            f"(expected {math.ceil(height / stride)}x{math.ceil(width / stride)})"
+            f"mask logits of size {grid_h}x{grid_w} do not match a model input of {in_height}x{in_width} at stride "
+            f"{stride} (expected {math.ceil(in_height / stride)}x{math.ceil(in_width / stride)})"
         )
     up = F.interpolate(logits, size=(grid_h * stride, grid_w * stride), mode="bilinear", align_corners=False)
-    return up[0, :, :height, :width]  # (K, H, W)
+    up = up[:, :, :in_height, :in_width]  # (1, K, H_in, W_in)
+    if (in_height, in_width) != (height, width):
+        up = F.interpolate(up, size=(height, width), mode="bilinear", align_corners=False)  # (1, K, H, W)
+    return up[0]  # (K, H, W)
 
 
 def pseudo_label(
@@ -163,6 +173,7 @@ def pseudo_label(
     class_logits: Tensor,
     image_size: tuple[int, int],
     config: PseudoLabelConfig | None = None,
+    input_size: tuple[int, int] | None = None,
 ) -> PseudoLabels:
     """Pseudo-instances of one image from its query outputs (see the module docstring).
 
@@ -171,6 +182,8 @@ def pseudo_label(
         class_logits: per-query class logits, no-object last.
         image_size: ``(H, W)`` of the image the masks are produced for.
         config: thresholds; default :class:`PseudoLabelConfig`.
+        input_size: ``(H_in, W_in)`` the model saw when it differs from ``image_size`` (the image was
+            resized to the training size); see :func:`resize_mask_logits`.
 
     Shape:
         - mask_logits: :math:`(K, h, w)`
@@ -201,7 +214,9 @@ def pseudo_label(
             if len(kept) == config.max_instances:
                 break
             query = candidates[slot : slot + 1]  # (1,) one query at a time: memory stays O(H·W)
-            logits = resize_mask_logits(mask_logits.detach()[query], (height, width), config.mask_stride)[0]  # (H, W)
+            logits = resize_mask_logits(
+                mask_logits.detach()[query], (height, width), config.mask_stride, input_size
+            )[0]  # (H, W)
             full = logits > logit_threshold  # (H, W) same as sigmoid(logits) > mask_threshold
             full_area = int(full.sum())
             visible = full & ~taken  # (H, W)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,7 +41,7 @@ from torch import Tensor, nn
 from instcontrast import InstanceAwarePixelContrast, PixelMemoryBank
 from instcontrast.views import ViewGeometry
 
-from .checkpoint import load_weights, save_weights
+from .checkpoint import check_writable, load_weights, save_weights
 from .config import TrainConfig
 from .data import CityscapesInstanceDataset, CocoInstanceDataset, SubsetDataset, make_label_split
 from .data.ade20k import ADE20KInstanceDataset
@@ -56,7 +57,7 @@ from .data.semi import (
 )
 from .data.structures import InstanceDataset
 from .data.synthetic import GENERATOR_VERSION, SyntheticConfig, generate_dataset, load_synthetic_split
-from .engine import _barrier, distributed_info, train
+from .engine import _barrier, _resolve_device, distributed_info, train
 from .evaluate import CocoMaskEvaluator
 from .inference import evaluate_model, predict_dataset
 from .losses import SetCriterion, pixel_contrast_term, unified_objective
@@ -430,7 +431,10 @@ def make_pseudo_labels(
     """
     info = distributed_info()
     if not path.is_file() and not info.is_main:
-        _barrier(info)  # rank 0 labels the unlabeled split; the others read its file
+        # rank 0 labels the unlabeled split (hours at full scale: longer than a collective's timeout, so the
+        # others watch for its file instead of waiting in a barrier), then they read it
+        _wait_for_file(path)
+        _barrier(info)
     if path.is_file():
         return _read_pseudo(path)
     pseudo: dict[int, PseudoInstances] = {}
@@ -442,7 +446,8 @@ def make_pseudo_labels(
         progress=progress, desc=f"pseudo-label ({path.stem})",
     ):
         sample = prediction.sample
-        labels = pseudo_label(prediction.mask_logits, prediction.class_logits, (sample.height, sample.width), label_config)
+        labels = pseudo_label(prediction.mask_logits, prediction.class_logits, (sample.height, sample.width),
+                              label_config, input_size=tuple(cfg.data.image_size))  # logits of the resized input
         pseudo[int(sample.image_id)] = PseudoInstances(
             masks=labels.targets.masks.bool().numpy(),
             class_ids=labels.targets.class_ids.numpy().astype(np.int64),
@@ -463,6 +468,12 @@ def make_pseudo_labels(
     _atomic_write_text(path.with_name(f"{path.stem}_quality.json"), json.dumps(quality, indent=2))
     _barrier(info)
     return pseudo
+
+
+def _wait_for_file(path: Path, poll_s: float = 2.0) -> None:
+    """Wait until ``path`` exists (written atomically by rank 0; torchrun stops this rank if rank 0 fails)."""
+    while not path.is_file():
+        time.sleep(poll_s)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -566,6 +577,7 @@ def adapt_teacher(cfg: PipelineConfig, datasets: Datasets, *, resume: bool = Tru
 
     Writes ``teacher_finetune/``, ``pseudo_labels_finetuned.json`` and ``teacher_adapted/``.
     """
+    check_writable(cfg.run_path)
     teacher, _ = pretrained_teacher(cfg, datasets, progress=progress)
     initial = {k: v.clone() for k, v in teacher.state_dict().items()}
     finetune = train_stage("teacher_finetune", teacher, cfg, cfg.teacher_finetune, datasets, resume=resume,
@@ -578,21 +590,31 @@ def adapt_teacher(cfg: PipelineConfig, datasets: Datasets, *, resume: bool = Tru
 
 
 def distill(cfg: PipelineConfig, datasets: Datasets, *, resume: bool = True, progress: bool = True) -> StageResult:
-    """Stage 2: pseudo-label ``Dᵘ`` with the frozen adapted teacher and train the student with ``J``."""
+    """Stage 2: pseudo-label ``Dᵘ`` with the frozen adapted teacher and train the student with ``J``.
+
+    Everything the stage reads or writes is checked first (the adapted teacher, the teacher's and the
+    student's pretrained weights, a writable run directory), not after hours of pseudo-labelling.
+    """
+    check_writable(cfg.run_path)
+    adapted = _require(_stage_path(cfg, "teacher_adapted"), "adapt-teacher")
+    student = build_student(cfg, len(datasets.class_names))  # reads student.encoder_weights
     teacher = build_teacher(cfg, datasets.class_names)
-    load_weights(teacher, _require(_stage_path(cfg, "teacher_adapted"), "adapt-teacher"))
-    teacher.requires_grad_(False)
+    load_weights(teacher, adapted)
+    teacher.requires_grad_(False).to(_resolve_device(cfg.distill.train.device, distributed_info()))  # label on the GPU
     pseudo = make_pseudo_labels(teacher, cfg, datasets, cfg.run_path / "pseudo_labels_adapted.json", progress=progress)
     del teacher
-    student = build_student(cfg, len(datasets.class_names))
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the student trains in the teacher's memory
     return train_stage("student_distill", student, cfg, cfg.distill, datasets, pseudo=pseudo, resume=resume,
                        progress=progress, seed_offset=3)
 
 
 def refine(cfg: PipelineConfig, datasets: Datasets, *, resume: bool = True, progress: bool = True) -> StageResult:
     """Stage 3: fine-tune the distilled student on ``Dˡ`` only."""
+    check_writable(cfg.run_path)
+    distilled = _require(_stage_path(cfg, "student_distill"), "distill")
     student = build_student(cfg, len(datasets.class_names))
-    load_weights(student, _require(_stage_path(cfg, "student_distill"), "distill"))
+    load_weights(student, distilled)
     return train_stage("student_refine", student, cfg, cfg.refine, datasets, resume=resume, progress=progress,
                        seed_offset=4)
 
@@ -632,8 +654,8 @@ def load_stage_model(cfg: PipelineConfig, datasets: Datasets, stage: str) -> nn.
 
 
 def evaluate_stage(cfg: PipelineConfig, datasets: Datasets, stage: str, *, progress: bool = True) -> dict[str, float]:
-    """Mask AP / AP50 on the validation split, parameters and CPU latency per image of ``stage``'s model."""
-    model = load_stage_model(cfg, datasets, stage)
+    """Mask AP / AP50 on the validation split, parameters and latency per image of ``stage``'s model (GPU if any)."""
+    model = load_stage_model(cfg, datasets, stage).to(_resolve_device(cfg.refine.train.device, distributed_info()))
     metrics = evaluate_model(
         model, datasets.val, image_size=tuple(cfg.data.image_size), batch_size=cfg.eval.batch_size,
         top_k=cfg.eval.top_k, progress=progress, desc=f"evaluate {stage}",

@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from transformers import (
     AutoTokenizer,
     BertConfig,
@@ -87,6 +88,7 @@ __all__ = [
     "TeacherConfig",
     "build_prompt",
     "check_tokenizer",
+    "check_weights",
     "class_logits_from_phrase_scores",
     "detector_input_size",
     "encode_prompt",
@@ -175,6 +177,8 @@ class TeacherConfig:
         detector_longest_edge: upper bound of the longer side after the resize (``None``: no bound).
         detach_boxes: stop the mask loss's gradient from flowing into the box head through SAM2's
             box prompts (box selection is discrete either way).
+        box_chunk: box prompts SAM2 decodes at a time; with gradients each chunk is checkpointed, so
+            training memory grows with this, not with ``num_queries`` (see :meth:`FoundationTeacher.segment`).
     """
 
     class_names: tuple[str, ...]
@@ -189,6 +193,7 @@ class TeacherConfig:
     detector_shortest_edge: int | None = 800
     detector_longest_edge: int | None = 1333
     detach_boxes: bool = True
+    box_chunk: int = 16
 
     def __post_init__(self) -> None:
         self.class_names = tuple(self.class_names)
@@ -204,7 +209,7 @@ class TeacherConfig:
             raise ValueError(f"detector_kind must be one of {tuple(_DETECTOR_CLASSES)}, got {self.detector_kind!r}")
         if not 0.0 <= self.box_threshold <= 1.0:
             raise ValueError(f"box_threshold must be in [0, 1], got {self.box_threshold}")
-        for name in ("num_queries", "embedding_dim", "projection_hidden_dim"):
+        for name in ("num_queries", "embedding_dim", "projection_hidden_dim", "box_chunk"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -618,12 +623,7 @@ class FoundationTeacher(nn.Module):
             FileNotFoundError: naming the missing files and where to place them.
         """
         detector_class = _DETECTOR_CLASSES[config.detector_kind]
-        _check_weights_dir(
-            config.detector_path, "Grounding-DINO detector", "detector_path", _DETECTOR_LAYOUT, tokenizer=True
-        )
-        _check_weights_dir(
-            config.segmenter_path, "SAM2 segmenter", "segmenter_path", _SEGMENTER_LAYOUT, tokenizer=False
-        )
+        check_weights(config)
         detector = _load_model(detector_class, config.detector_path, "Grounding-DINO detector", "detector_path")
         segmenter = _load_model(Sam2Model, config.segmenter_path, "SAM2 segmenter", "segmenter_path")
         tokenizer = load_tokenizer(config.detector_path)
@@ -827,7 +827,14 @@ class FoundationTeacher(nn.Module):
         ]  # [(B, c, h_l, w_l)]
 
     def segment(self, embeddings: list[Tensor], boxes: Tensor) -> Tensor:
-        """SAM2 masks of box prompts, all boxes of an image decoded in one batched call.
+        """SAM2 masks of box prompts, decoded against each image's one embedding, ``box_chunk`` boxes at a time.
+
+        SAM2's mask decoder updates the image embedding once per prompt (its two-way transformer), so a
+        decoding pass holds a per-box copy of the image features (about 105 MB per box at SAM2's 1024 input
+        in a training pass). With gradients on, each chunk of boxes is decoded under activation
+        checkpointing: only the chunk being decoded (or, in the backward pass, recomputed) holds those
+        copies, so memory grows with ``box_chunk``, not with the number of boxes. Without gradients the
+        chunks are decoded one after the other.
 
         Args:
             embeddings: :meth:`image_embeddings`.
@@ -841,8 +848,29 @@ class FoundationTeacher(nn.Module):
             Mask logits.
         """
         prompts = boxes * self.segmenter_size  # (B, N, 4) in SAM2 input pixels
-        outputs = self.segmenter(image_embeddings=embeddings, input_boxes=prompts, multimask_output=False)
-        return outputs.pred_masks[:, :, 0]  # (B, N, S/4, S/4)
+        chunk = self.config.box_chunk
+        if prompts.shape[1] <= chunk:
+            return self._decode(prompts, *embeddings)
+        parts = []
+        for start in range(0, prompts.shape[1], chunk):
+            part = prompts[:, start : start + chunk]  # (B, n, 4)
+            if self._checkpoint_boxes(embeddings, part):
+                parts.append(checkpoint(self._decode, part, *embeddings, use_reentrant=False))
+            else:
+                parts.append(self._decode(part, *embeddings))
+        return torch.cat(parts, dim=1)  # (B, N, S/4, S/4)
+
+    def _checkpoint_boxes(self, embeddings: list[Tensor], prompts: Tensor) -> bool:
+        """Whether decoding builds an autograd graph (then a chunk's activations are recomputed in backward)."""
+        needs_grad = torch.is_grad_enabled() and (
+            any(level.requires_grad for level in embeddings) or prompts.requires_grad
+            or any(param.requires_grad for param in self.segmenter.mask_decoder.parameters())
+        )  # fmt: skip
+        return needs_grad
+
+    def _decode(self, prompts: Tensor, *embeddings: Tensor) -> Tensor:
+        outputs = self.segmenter(image_embeddings=list(embeddings), input_boxes=prompts, multimask_output=False)
+        return outputs.pred_masks[:, :, 0]  # (B, n, S/4, S/4)
 
     def forward(self, images: Tensor) -> SegmentationOutput:
         """Text → boxes → masks → the pipeline's interface.
@@ -893,7 +921,19 @@ def _expected_layout(path: str, files: Sequence[str]) -> str:
 
 
 def _is_hub_id(path: str) -> bool:
-    return not Path(path).exists() and path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    """A path that is not on disk but names a repository in the local hub cache (``org/name``).
+
+    ``weights/grounding-dino-large`` (the configs' default folder) has the shape of a hub id too: only an
+    entry in the hub cache makes it one, so a missing folder gets the message naming its files.
+    """
+    if Path(path).exists() or path.count("/") != 1 or path.startswith((".", "/", "~")):
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(path, "config.json"), str)
+    except ValueError:  # not a valid repository id
+        return False
 
 
 def _check_weights_dir(path: str, what: str, option: str, files: Sequence[str], tokenizer: bool) -> None:
@@ -925,6 +965,20 @@ def _check_weights_dir(path: str, what: str, option: str, files: Sequence[str], 
             f"the checkpoint in transformers `save_pretrained` format there, or set TeacherConfig.{option}:\n"
             f"{_expected_layout(path, files)}\n{hint}, or pass a hub id already in the local hub cache."
         )
+
+
+def check_weights(config: TeacherConfig) -> None:
+    """Check that both weights folders (or cached hub ids) of ``config`` exist and hold their files.
+
+    Cheap (no weights are read): the stages call it before any long work.
+
+    Raises:
+        FileNotFoundError: naming the folder, the files expected in it and how to get them.
+    """
+    _check_weights_dir(
+        config.detector_path, "Grounding-DINO detector", "detector_path", _DETECTOR_LAYOUT, tokenizer=True
+    )
+    _check_weights_dir(config.segmenter_path, "SAM2 segmenter", "segmenter_path", _SEGMENTER_LAYOUT, tokenizer=False)
 
 
 def _load_model(model_class: type, path: str, what: str, option: str) -> nn.Module:
