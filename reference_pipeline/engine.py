@@ -217,14 +217,13 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
 
 
 def cleanup_distributed() -> None:
-    """Destroy the process group if one is initialized, after every rank has reached this point.
+    """Destroy the process group if one is initialized.
 
-    The barrier first: a rank that destroys its group while a peer still communicates makes that
-    peer's gloo pair fail (and abort).
+    No barrier here (it also runs on error paths, where a peer may be gone): after a successful run,
+    meet at ``dist.barrier()`` first, so that no rank tears its group down while another still
+    communicates. To end a torchrun worker after that, see :func:`exit_process`.
     """
     if dist.is_available() and dist.is_initialized():
-        if dist.get_world_size() > 1:
-            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -167,7 +167,8 @@ def _ddp_first_step(run_dir: Path, out: Path) -> None:
     if distributed_info().is_main:
         grads = {name: p.grad.clone() for name, p in model.named_parameters()}
         torch.save({"loss": result.train_metrics["loss"], "grads": grads, "world": distributed_info().world_size}, out)
-    cleanup_distributed()  # a barrier, then the group is destroyed: no rank tears down while another communicates
+    torch.distributed.barrier()  # no rank tears the group down while another still uses it
+    cleanup_distributed()
     exit_process(0)  # DDP's gloo threads outlive the group: no interpreter teardown while they run
 
 
