@@ -210,6 +210,13 @@ def test_metrics_file_holds_train_and_eval_records_at_their_cadence(uninterrupte
     assert last["lr/decoder"] > 0  # the rate used by the last step, not the (zero) one after it
 
 
+def test_the_last_step_is_logged_even_off_the_log_cadence(tmp_path):
+    _, result = toy.run_toy(tmp_path, steps=5, eval_every=0)  # log_every 3: steps 3 and 5 (the last)
+    train_steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    assert train_steps == [3, 5]
+    assert result.train_metrics["step"] == 5
+
+
 # ----------------------------------------------------------------------------- data order
 
 
