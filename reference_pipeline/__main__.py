@@ -10,4 +10,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .cli import main
 
-sys.exit(main())
+code = main()
+if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    # a torchrun worker: DDP leaves gloo threads running after the group is destroyed, and a normal
+    # interpreter exit now and then aborts on them (see engine.exit_process)
+    from .engine import exit_process
+
+    exit_process(code)
+sys.exit(code)

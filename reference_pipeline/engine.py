@@ -53,6 +53,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass, replace
@@ -95,6 +96,7 @@ __all__ = [
     "build_scheduler",
     "cleanup_distributed",
     "distributed_info",
+    "exit_process",
     "freeze_unused_parameters",
     "init_distributed",
     "move_to_device",
@@ -216,9 +218,31 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
 
 
 def cleanup_distributed() -> None:
-    """Destroy the process group if one is initialized."""
+    """Destroy the process group if one is initialized.
+
+    No barrier here (it also runs on error paths, where a peer may be gone): after a successful run,
+    meet at ``dist.barrier()`` first, so that no rank tears its group down while another still
+    communicates. To end a torchrun worker after that, see :func:`exit_process`.
+    """
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: int = 0) -> None:
+    """End a torchrun worker now: flush output, then ``os._exit`` (no interpreter finalization).
+
+    A gloo process group that a :class:`~torch.nn.parallel.DistributedDataParallel` wrapper used
+    stays alive after :func:`cleanup_distributed` (torch's reducer keeps a reference; its two
+    ``pt_gloo_runloop`` threads and the ``gloo_tcp_loop`` thread keep running). A normal interpreter
+    exit then tears down Python and C++ static state while those threads live, which now and then —
+    more often under load — ends in ``terminate called without an active exception`` (SIGABRT) after
+    the work is done. Call :func:`cleanup_distributed` first; files must be closed by then.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 def _barrier(info: DistInfo) -> None:

@@ -162,13 +162,14 @@ def _ddp_first_step(run_dir: Path, out: Path) -> None:
         run_dir,
         progress=False,
     )
-    from reference_pipeline.engine import cleanup_distributed, distributed_info
+    from reference_pipeline.engine import cleanup_distributed, distributed_info, exit_process
 
     if distributed_info().is_main:
         grads = {name: p.grad.clone() for name, p in model.named_parameters()}
         torch.save({"loss": result.train_metrics["loss"], "grads": grads, "world": distributed_info().world_size}, out)
     torch.distributed.barrier()  # no rank tears the group down while another still uses it
     cleanup_distributed()
+    exit_process(0)  # DDP's gloo threads outlive the group: no interpreter teardown while they run
 
 
 def main() -> None:
