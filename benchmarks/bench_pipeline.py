@@ -19,6 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     num_classes = len(datasets.class_names)
     student = stages.build_student(cfg, num_classes).train()
     dim, _ = stages._embedding_dim(student, torch.zeros(1, 3, *cfg.data.image_size))
-    criterion = SetCriterion(num_classes, cfg.criterion)
+    criterion = SetCriterion(num_classes, replace(cfg.criterion, mask_stride=stages.mask_stride_of(student)))
     objectives = {
         "without L_pxl": stages.Objective(criterion, None, cfg.distill.lambda_semi, 0.0),
         "with L_pxl": stages.Objective(criterion, stages.build_contrast(cfg.contrast, dim), cfg.distill.lambda_semi,

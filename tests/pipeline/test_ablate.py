@@ -110,7 +110,9 @@ def test_architecture_rows_build_small_students_of_each_family() -> None:
         student = stages.build_student(cfg, num_classes=3).eval()
         with torch.no_grad():
             output = student(torch.zeros(1, 3, 64, 64))
-        assert output.mask_logits.shape[-2:] == (16, 16)
+        stride = cfg.student.mask_stride  # the demo's stride-2 masks, inherited by every row
+        assert output.mask_logits.shape[-2:] == (64 // stride, 64 // stride)
+        assert output.pixel_embeddings.shape[-2:] == (16, 16)
         parameters[row.name] = sum(p.numel() for p in student.parameters())
     assert all(count < 30e6 for count in parameters.values()), parameters
     assert parameters["dinov2_fpn"] != parameters["dinov2_dpt"]
