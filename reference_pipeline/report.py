@@ -314,7 +314,9 @@ def write_report(cfg: PipelineConfig, results: Mapping[str, Mapping[str, float]]
               (f"Student rows ran with {seeds} seed(s) from the same adapted teacher and pseudo-labels; each ordering is "
                "judged on the per-seed differences: a strict ordering *holds* when the mean difference is at least twice "
                "its seed standard deviation, is *within noise* when it is smaller than that, and *does not hold* when it "
-               "is at least that far the other way."), ""]
+               "is at least that far the other way."
+               + (" With one seed there is no spread to judge against: `--set student_seeds=3` adds seeds 1 and 2 "
+                  "(resuming this run)." if seeds == 1 else "")), ""]
     for check in paper_order_checks(results):
         verdict = f"**{check.verdict}**" if check.verdict != "holds" else check.verdict
         lines.append(f"- {check.claim}: {verdict} ({check.text})")
