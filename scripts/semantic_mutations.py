@@ -173,8 +173,7 @@ PIPELINE: dict[str, Mutation] = {
         "reference_pipeline/stages.py", [('"pseudo_labels_adapted.json"', '"pseudo_labels_finetuned.json"')], _STAGES),
     "refine_from_a_fresh_student": (
         "reference_pipeline/stages.py",
-        [('load_weights(student, _require(_stage_path(cfg, "student_distill"), "distill"))',
-          '_require(_stage_path(cfg, "student_distill"), "distill")')], _STAGES),
+        [("    load_weights(student, distilled)\n", "")], _STAGES),
     "refine_runs_the_distill_block": (
         "reference_pipeline/stages.py",
         [('train_stage("student_refine", student, cfg, cfg.refine,', 'train_stage("student_refine", student, cfg, cfg.distill,')],
