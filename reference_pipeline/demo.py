@@ -47,6 +47,9 @@ def run_pipeline(cfg: PipelineConfig, *, resume: bool = True, progress: bool = T
 
     is_main = distributed_info().is_main
 
+    def save_results() -> None:
+        stages._atomic_write_text(results_file, json.dumps(results, indent=2))
+
     def record(name: str, wall_time: float) -> None:
         if not is_main:  # evaluation and the report are rank 0's job under torchrun
             return
@@ -54,9 +57,7 @@ def run_pipeline(cfg: PipelineConfig, *, resume: bool = True, progress: bool = T
             metrics = stages.evaluate_stage(cfg, datasets, name, progress=progress)
             metrics["wall_time"] = wall_time
             results[name] = metrics
-            tmp = results_file.with_name(".evaluation.json.tmp")
-            tmp.write_text(json.dumps(results, indent=2))
-            tmp.replace(results_file)
+            save_results()
         logger.info("%s: mask AP %.2f, AP50 %.2f", name, results[name]["AP"], results[name]["AP50"])
 
     start = time.perf_counter()
@@ -93,9 +94,7 @@ def run_pipeline(cfg: PipelineConfig, *, resume: bool = True, progress: bool = T
             if is_main and f"{name}@seed{offset}" not in results:
                 metrics = stages.evaluate_stage(seed_cfg, datasets, name, progress=progress)
                 results[f"{name}@seed{offset}"] = {k: metrics[k] for k in ("AP", "AP50", "images")}
-                tmp = results_file.with_name(".evaluation.json.tmp")
-                tmp.write_text(json.dumps(results, indent=2))
-                tmp.replace(results_file)
+                save_results()
     return results
 
 
