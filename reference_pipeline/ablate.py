@@ -55,6 +55,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from . import stages
+from .atomic import atomic_write_json, atomic_write_text
 from .checkpoint import save_weights
 from .config import ConfigError, config_from_dict, config_to_dict
 from .engine import read_metrics
@@ -426,13 +427,6 @@ def teacher_key(cfg: PipelineConfig) -> str:
 
 
 # ------------------------------------------------------------------------------------- file helpers
-def _atomic_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
-
-
 def _link(source: Path, target: Path) -> None:
     """Hard-link ``source`` to ``target`` (copy across file systems); an existing ``target`` is replaced."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -509,7 +503,7 @@ def _prepare_teacher(ctx: _Context, cfg: PipelineConfig, source: str, base_seed:
     _share_pretrained_teacher(cfg, base_seed, datasets)
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "teacher.json").is_file():
-        _atomic_json(folder / "teacher.json", {k: config_to_dict(cfg)[k] for k in _TEACHER_KEYS})
+        atomic_write_json(folder / "teacher.json", {k: config_to_dict(cfg)[k] for k in _TEACHER_KEYS}, indent=2)
     stage = TEACHER_STAGES[source]
     if source == "zero_shot":
         weights = folder / stage / stages.WEIGHTS_FILE
@@ -528,13 +522,13 @@ def _prepare_teacher(ctx: _Context, cfg: PipelineConfig, source: str, base_seed:
             if not pseudo.is_file():
                 teacher = stages.load_stage_model(cfg, datasets, "teacher_adapted")
                 stages.make_pseudo_labels(teacher, cfg, datasets, pseudo, progress=False)
-        _atomic_json(folder / "timings.json", {r.name: r.wall_time for r in results})
+        atomic_write_json(folder / "timings.json", {r.name: r.wall_time for r in results}, indent=2)
     evaluation_file = folder / f"evaluation_{source}.json"
     if evaluation_file.is_file():
         metrics = json.loads(evaluation_file.read_text())
     else:
         metrics = stages.evaluate_stage(cfg, datasets, stage, progress=False)
-        _atomic_json(evaluation_file, metrics)
+        atomic_write_json(evaluation_file, metrics, indent=2)
     return _Teacher(weights, pseudo, metrics, folder)
 
 
@@ -576,14 +570,14 @@ def run_cell(ctx: _Context, cell: CellSpec, *, status: tqdm | None = None) -> di
         if (source / CELL_FILE).is_file() and source != folder:
             record = json.loads((source / CELL_FILE).read_text())
             record.update(table=cell.table, row=cell.row.name, seed=cell.seed_index, reused_from=str(source))
-            _atomic_json(cell_file, record)
+            atomic_write_json(cell_file, record, indent=2)
             return record
     folder.mkdir(parents=True, exist_ok=True)
     datasets = ctx.load_datasets(cfg)
     if teacher is not None:
         _link(teacher.weights, folder / "teacher_adapted" / stages.WEIGHTS_FILE)
         _link(teacher.pseudo, folder / "pseudo_labels_adapted.json")
-        _atomic_json(folder / "distill_teacher.json", {"source": cell.row.teacher, "from": str(teacher.weights)})
+        atomic_write_json(folder / "distill_teacher.json", {"source": cell.row.teacher, "from": str(teacher.weights)}, indent=2)
     torch.manual_seed(cfg.seed)  # the student's initialisation depends on the cell's seed only
     functions = {"distill": stages.distill, "refine": stages.refine, "supervised": stages.supervised_baseline}
     evaluations: dict[str, dict[str, float]] = {}
@@ -616,8 +610,8 @@ def run_cell(ctx: _Context, cell: CellSpec, *, status: tqdm | None = None) -> di
         "run_dir": str(folder), "teacher": str(teacher.folder) if teacher else None, "metrics": metrics,
         "evaluations": evaluations, "wall_times": wall_times, "elapsed": time.perf_counter() - start,
     }
-    _atomic_json(cell_file, record)  # last: its presence marks the cell finished
-    _atomic_json(index, {"cell": str(folder)})
+    atomic_write_json(cell_file, record, indent=2)  # last: its presence marks the cell finished
+    atomic_write_json(index, {"cell": str(folder)}, indent=2)
     return record
 
 
@@ -856,7 +850,4 @@ def write_ablation_report(
     if verdicts:
         lines += ["## Summary", "", ", ".join(f"{count} {verdict}" for verdict, count in sorted(verdicts.items())) + ".", ""]
     path = root / REPORT_FILE
-    tmp = path.with_name(f".{REPORT_FILE}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, "\n".join(lines) + "\n")

@@ -41,6 +41,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from .atomic import atomic_path, fsync_dir, fsync_file
+
 __all__ = [
     "POINTER_NAME",
     "STATE_NAME",
@@ -203,24 +205,6 @@ def _check_weights_only(value: Any, where: str) -> None:
     )
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems do not allow opening folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _describe(error: OSError) -> str:
     if error.errno == errno.ENOSPC:
         return "no space left on the device"
@@ -271,7 +255,7 @@ def _write_pointer(checkpoint_dir: Path, name: str) -> None:
         os.replace(tmp, pointer)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(checkpoint_dir)
+    fsync_dir(checkpoint_dir)
 
 
 def save_checkpoint(
@@ -313,7 +297,7 @@ def save_checkpoint(
         tmp_dir.mkdir()
         weights_tmp = tmp_dir / f".{WEIGHTS_NAME}.tmp"
         save_model(model, str(weights_tmp), metadata={"step": str(step)})
-        _fsync_file(weights_tmp)
+        fsync_file(weights_tmp)
         os.replace(weights_tmp, tmp_dir / WEIGHTS_NAME)
         state_tmp = tmp_dir / f".{STATE_NAME}.tmp"
         with open(state_tmp, "wb") as handle:
@@ -321,13 +305,13 @@ def save_checkpoint(
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(state_tmp, tmp_dir / STATE_NAME)
-        _fsync_dir(tmp_dir)
+        fsync_dir(tmp_dir)
         if final.exists():  # left by a run killed before its pointer moved: never the pointer target
             trash = checkpoint_dir / f".trash_{final.name}.{os.getpid()}"
             os.replace(final, trash)
             shutil.rmtree(trash, ignore_errors=True)
         os.replace(tmp_dir, final)
-        _fsync_dir(checkpoint_dir)
+        fsync_dir(checkpoint_dir)
         _write_pointer(checkpoint_dir, final.name)
     except OSError as error:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -422,14 +406,10 @@ def save_weights(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         CheckpointWriteError: if the file cannot be written; an existing file at ``path`` is left intact.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_model(model, str(tmp))
-        _fsync_file(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_model(model, str(tmp))
     except OSError as error:
-        tmp.unlink(missing_ok=True)
         raise CheckpointWriteError(f"cannot write weights {path}: {_describe(error)} ({error})") from error
     return path
 

@@ -28,6 +28,8 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from .atomic import atomic_write_text
+
 __all__ = [
     "ConfigError",
     "TrainConfig",
@@ -527,16 +529,4 @@ def save_config(config: Any, path: str | os.PathLike[str]) -> Path:
     Raises:
         OSError: if the file cannot be written (the previous file, if any, is left intact).
     """
-    path = Path(path)
-    text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))

@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import stages
+from .atomic import atomic_write_json
 from .config import save_config
 from .engine import _barrier, distributed_info
 from .evaluate import resolution_ceiling
@@ -48,7 +49,7 @@ def run_pipeline(cfg: PipelineConfig, *, resume: bool = True, progress: bool = T
     is_main = distributed_info().is_main
 
     def save_results() -> None:
-        stages._atomic_write_text(results_file, json.dumps(results, indent=2))
+        atomic_write_json(results_file, results, indent=2)
 
     def record(name: str, wall_time: float) -> None:
         if not is_main:  # evaluation and the report are rank 0's job under torchrun

@@ -70,6 +70,7 @@ from torch.optim.lr_scheduler import ChainedScheduler, ConstantLR, LinearLR, LRS
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write_text
 from .checkpoint import (
     CheckpointError,
     CheckpointInfo,
@@ -666,12 +667,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [r for r in read_metrics(path) if int(r.get("step", 0)) <= step]
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write("".join(json.dumps(r) + "\n" for r in kept))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .atomic import atomic_path
 from .pipeline_config import PipelineConfig
 
 __all__ = ["ExportResult", "InferenceWrapper", "export_model", "export_onnx"]
@@ -60,9 +61,7 @@ def export_model(model: nn.Module, image_size: tuple[int, int], path: Path, *, o
     model = model.eval()
     wrapper = InferenceWrapper(model).eval()
     images = torch.rand(2, 3, *image_size)  # (B, 3, H, W)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with torch.no_grad(), warnings.catch_warnings():
+    with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape arithmetic traced as constants: fixed input size
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter handles this model; dynamo needs onnxscript
         expected = wrapper(images)
@@ -71,7 +70,6 @@ def export_model(model: nn.Module, image_size: tuple[int, int], path: Path, *, o
             dynamic_axes={"images": {0: "batch"}, "mask_logits": {0: "batch"}, "class_logits": {0: "batch"}},
             opset_version=opset, dynamo=False,
         )
-    tmp.replace(path)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {"images": images.numpy()})
     diff = max(float(np.abs(g - e.numpy()).max()) for g, e in zip(got, expected))

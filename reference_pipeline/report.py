@@ -19,6 +19,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .atomic import atomic_write_text
 from .data.structures import InstanceSample
 from .engine import read_metrics
 from .evaluate import InstancePredictions, postprocess_mask2former
@@ -349,7 +350,4 @@ def write_report(cfg: PipelineConfig, results: Mapping[str, Mapping[str, float]]
         lines.append(f"- `{stage}`: {stage_cfg.train.steps} steps × batch {stage_cfg.train.batch_size}, "
                      f"λ_semi {stage_cfg.lambda_semi}, λ_pxl {stage_cfg.lambda_pxl}{timing}")
     path = run / "report.md"
-    tmp = path.with_name(".report.md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, "\n".join(lines) + "\n")

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from instcontrast import InstanceAwarePixelContrast, PixelMemoryBank
 from instcontrast.views import ViewGeometry
 
+from .atomic import atomic_write_text
 from .checkpoint import check_writable, load_weights, save_weights
 from .config import TrainConfig
 from .data import CityscapesInstanceDataset, CocoInstanceDataset, SubsetDataset, make_label_split
@@ -405,7 +406,7 @@ def train_stage(
     info = distributed_info()
     if info.is_main:  # one writer; the others wait so the next stage finds the weights
         save_weights(getattr(model, "module", model), final)
-        _atomic_write_text(result_file, json.dumps({"wall_time": result.wall_time, "steps": result.steps,
+        atomic_write_text(result_file, json.dumps({"wall_time": result.wall_time, "steps": result.steps,
                                                     "final_logs": result.final_logs}))
     _barrier(info)
     return result
@@ -465,7 +466,7 @@ def make_pseudo_labels(
         quality.update(evaluator.compute())  # the pseudo-labels' mask AP against ground truth
     logger.info("pseudo-labels %s: %s", path.name, quality)
     _write_pseudo(path, pseudo)
-    _atomic_write_text(path.with_name(f"{path.stem}_quality.json"), json.dumps(quality, indent=2))
+    atomic_write_text(path.with_name(f"{path.stem}_quality.json"), json.dumps(quality, indent=2))
     _barrier(info)
     return pseudo
 
@@ -474,13 +475,6 @@ def _wait_for_file(path: Path, poll_s: float = 2.0) -> None:
     """Wait until ``path`` exists (written atomically by rank 0; torchrun stops this rank if rank 0 fails)."""
     while not path.is_file():
         time.sleep(poll_s)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _write_pseudo(path: Path, pseudo: dict[int, PseudoInstances]) -> None:
@@ -493,7 +487,7 @@ def _write_pseudo(path: Path, pseudo: dict[int, PseudoInstances]) -> None:
         }
         for image_id, p in pseudo.items()
     }
-    _atomic_write_text(path, json.dumps(records))
+    atomic_write_text(path, json.dumps(records))
 
 
 def _read_pseudo(path: Path) -> dict[int, PseudoInstances]:

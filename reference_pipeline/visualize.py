@@ -23,6 +23,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .atomic import atomic_path
 from .data.structures import InstanceSample
 from .evaluate import InstancePredictions
 
@@ -199,7 +200,6 @@ def save_overlay_grid(
                         bbox={"facecolor": tuple(colours[index] / 255.0), "alpha": 0.7, "pad": 0.5, "linewidth": 0},
                     )
     figure.tight_layout()
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    figure.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".tmp.png") as tmp:
+        figure.savefig(tmp, format="png")
     return path

@@ -235,13 +235,11 @@ PIPELINE: dict[str, Mutation] = {
         "reference_pipeline/pseudo_labels.py", [("if area < config.min_area or", "if area <= config.min_area or")], _PSEUDO),
     # ---- checkpointing: the final weights file
     "save_weights_leaves_its_temporary_file": (
-        "reference_pipeline/checkpoint.py",
-        [("        tmp.unlink(missing_ok=True)\n        raise CheckpointWriteError(f\"cannot write weights",
-          "        raise CheckpointWriteError(f\"cannot write weights")], _WEIGHTS),
+        "reference_pipeline/atomic.py",
+        [("    finally:\n        tmp.unlink(missing_ok=True)\n", "    except BaseException:\n        raise\n")], _WEIGHTS),
     "save_weights_writes_in_place": (
-        "reference_pipeline/checkpoint.py",
-        [("        save_model(model, str(tmp))\n        _fsync_file(tmp)\n        os.replace(tmp, path)",
-          "        save_model(model, str(path))")], _WEIGHTS),
+        "reference_pipeline/atomic.py",
+        [("        yield tmp\n        fsync_file(tmp)\n        os.replace(tmp, path)", "        yield path")], _WEIGHTS),
     # ---- engine
     "ranks_read_the_same_slice": (
         "reference_pipeline/engine.py",

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pycocotools.mask as mask_utils
 
+from ..atomic import atomic_write_json
 from .structures import InstanceSample, check_index, load_rgb_image
 
 __all__ = [
@@ -390,10 +391,4 @@ def write_coco_json(path: str | os.PathLike[str], coco_dict: Mapping[str, Any]) 
     Returns:
         The destination path.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        handle.write(json.dumps(coco_dict, separators=(",", ":")))  # dumps uses the C encoder, dump does not
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(path, coco_dict, separators=(",", ":"))  # dumps uses the C encoder, dump does not

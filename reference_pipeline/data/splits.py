@@ -30,6 +30,7 @@ from typing import Literal, TypeVar
 
 import numpy as np
 
+from ..atomic import atomic_write_text
 from .structures import InstanceDataset, InstanceSample, check_index
 
 __all__ = [
@@ -203,11 +204,7 @@ def write_split_file(path: str | os.PathLike[str], image_ids: Iterable[Hashable]
     bad = [line for line in lines if not line.strip() or "\n" in line or "\r" in line or line.startswith("#")]
     if bad:
         raise ValueError(f"image ids cannot be written one per line: {bad[:5]}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, "".join(f"{line}\n" for line in lines))
 
 
 def read_split_file(path: str | os.PathLike[str], id_type: Callable[[str], IdT] = int) -> list[IdT]:  # type: ignore[assignment]
