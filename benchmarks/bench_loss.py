@@ -36,10 +36,10 @@ from typing import Any
 # this folder (for ``common``) and the repository root (the checkout's ``instcontrast``)
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
-import torch  # noqa: E402
-
 import common  # noqa: E402
+import torch  # noqa: E402
 from common import ProviderRecord, Shape, Step  # noqa: E402
+
 from instcontrast import InstanceAwareSampler, false_negative_rate, pixel_info_nce  # noqa: E402
 from instcontrast.sampler import CandidateBlocks  # noqa: E402
 

@@ -47,11 +47,10 @@ from typing import Any
 # this folder (for ``common``) and the repository root (the checkout's ``instcontrast``)
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
+import common  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-import common  # noqa: E402
 from common import Shape, Step, Timing  # noqa: E402
 
 NAME = "bench_peers"

@@ -1,7 +1,7 @@
 """Cost of the pixel contrastive term in a distillation step of the demo student, data time, inference speed.
 
 One process, interleaved: the same distillation batches (labeled + pseudo-labeled, weak + strong
-views, from the built-in dataset) are trained with the pipeline's :class:`~reference_pipeline.stages.Objective`
+views, from the built-in dataset) are trained with the pipeline's :class:`~reference_pipeline.losses.Objective`
 with and without ``L_pxl`` (``λ_pxl`` 0.2 vs 0), alternating step by step so machine noise hits both
 alike. Reported: median step time of each, their ratio (target: the term adds ≤ 30 %; the paper's
 memory bank cost them 2.2×), the share of data loading in a real engine run with a DataLoader worker,
@@ -26,12 +26,15 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
+import common  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import common  # noqa: E402
 from reference_pipeline import stages  # noqa: E402
-from reference_pipeline.cli import QUICK_OVERRIDES  # noqa: E402
+from reference_pipeline.config import (
+    QUICK_OVERRIDES,  # noqa: E402
+    load_pipeline_config,  # noqa: E402
+)
 from reference_pipeline.data.semi import (  # noqa: E402
     PseudoInstances,
     PseudoLabeledDataset,
@@ -41,8 +44,7 @@ from reference_pipeline.data.semi import (  # noqa: E402
 )
 from reference_pipeline.engine import train  # noqa: E402
 from reference_pipeline.inference import measure_latency  # noqa: E402
-from reference_pipeline.losses import SetCriterion  # noqa: E402
-from reference_pipeline.pipeline_config import load_pipeline_config  # noqa: E402
+from reference_pipeline.losses import Objective, SetCriterion  # noqa: E402
 
 NAME = "bench_pipeline"
 GOAL_OVERHEAD = 1.3
@@ -86,8 +88,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dim, _ = stages._embedding_dim(student, torch.zeros(1, 3, *cfg.data.image_size))
     criterion = SetCriterion(num_classes, replace(cfg.criterion, mask_stride=stages.mask_stride_of(student)))
     objectives = {
-        "without L_pxl": stages.Objective(criterion, None, cfg.distill.lambda_semi, 0.0),
-        "with L_pxl": stages.Objective(criterion, stages.build_contrast(cfg.contrast, dim), cfg.distill.lambda_semi,
+        "without L_pxl": Objective(criterion, None, cfg.distill.lambda_semi, 0.0),
+        "with L_pxl": Objective(criterion, stages.build_contrast(cfg.contrast, dim), cfg.distill.lambda_semi,
                                        cfg.distill.lambda_pxl),
     }
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)

@@ -33,10 +33,10 @@ from typing import Any
 # this folder (for ``common``) and the repository root (the checkout's ``instcontrast``)
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
-import torch  # noqa: E402
-
 import common  # noqa: E402
+import torch  # noqa: E402
 from common import Shape, Step, Timing  # noqa: E402
+
 from instcontrast import InstanceAwareSampler, NegativeSamples, pixel_info_nce, resolve_backend  # noqa: E402
 from instcontrast.ops.chunked import default_block_size  # noqa: E402
 

@@ -29,9 +29,8 @@ from typing import Any
 # this folder (for ``common``) and the repository root (the checkout's ``instcontrast``)
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
-import torch  # noqa: E402
-
 import common  # noqa: E402
+import torch  # noqa: E402
 from common import Shape, Step, Timing  # noqa: E402
 
 NAME = "bench_scaling"

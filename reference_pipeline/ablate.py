@@ -1,7 +1,7 @@
 """The paper's ablations at small scale: cells over seeds, shared teachers, resume, and ``ablations.md``.
 
 An ablation **table** (``configs/ablations.yaml``) is a default row plus variants; each **row** is a list
-of ``key=value`` overrides of the :class:`~reference_pipeline.pipeline_config.PipelineConfig`, the
+of ``key=value`` overrides of the :class:`~reference_pipeline.config.PipelineConfig`, the
 teacher the student is distilled from, and the student stages that run. One **cell** is one
 ``(table, row, seed)``; it runs in ``<root>/<table>/<row>/seed<k>/`` with the same stage functions as
 the demo (:mod:`reference_pipeline.stages`; there is no second training loop) and ends by writing
@@ -55,11 +55,10 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from . import stages
-from .atomic import atomic_write_json, atomic_write_text
+from .atomic import atomic_write_json, atomic_write_text, link_or_copy
 from .checkpoint import save_weights
-from .config import ConfigError, config_from_dict, config_to_dict
+from .config import ConfigError, PipelineConfig, config_from_dict, config_to_dict, load_pipeline_config
 from .engine import read_metrics
-from .pipeline_config import PipelineConfig, load_pipeline_config
 
 __all__ = [
     "METRICS",
@@ -202,7 +201,7 @@ class QuickConfig:
     Attributes:
         seeds: seeds per cell.
         root: output folder.
-        overrides: pipeline overrides applied after ``reference_pipeline.cli.QUICK_OVERRIDES``.
+        overrides: pipeline overrides applied after ``reference_pipeline.config.QUICK_OVERRIDES``.
     """
 
     seeds: int = 2
@@ -427,18 +426,6 @@ def teacher_key(cfg: PipelineConfig) -> str:
 
 
 # ------------------------------------------------------------------------------------- file helpers
-def _link(source: Path, target: Path) -> None:
-    """Hard-link ``source`` to ``target`` (copy across file systems); an existing ``target`` is replaced."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.link")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(source, tmp)
-    except OSError:
-        shutil.copy2(source, tmp)
-    tmp.replace(target)
-
-
 # ------------------------------------------------------------------------------------- the runner
 @dataclass
 class _Context:
@@ -482,8 +469,8 @@ def _share_pretrained_teacher(cfg: PipelineConfig, base_seed: int, datasets: sta
     stages.pretrained_teacher(source_cfg, datasets, progress=False)
     source = stages.demo_teacher_cache(source_cfg)
     if source != target:
-        _link(source / stages.WEIGHTS_FILE, target / stages.WEIGHTS_FILE)
-        _link(source / "result.json", target / "result.json")
+        link_or_copy(source / stages.WEIGHTS_FILE, target / stages.WEIGHTS_FILE)
+        link_or_copy(source / "result.json", target / "result.json")
 
 
 @dataclass
@@ -575,8 +562,8 @@ def run_cell(ctx: _Context, cell: CellSpec, *, status: tqdm | None = None) -> di
     folder.mkdir(parents=True, exist_ok=True)
     datasets = ctx.load_datasets(cfg)
     if teacher is not None:
-        _link(teacher.weights, folder / "teacher_adapted" / stages.WEIGHTS_FILE)
-        _link(teacher.pseudo, folder / "pseudo_labels_adapted.json")
+        link_or_copy(teacher.weights, folder / "teacher_adapted" / stages.WEIGHTS_FILE)
+        link_or_copy(teacher.pseudo, folder / "pseudo_labels_adapted.json")
         atomic_write_json(folder / "distill_teacher.json", {"source": cell.row.teacher, "from": str(teacher.weights)}, indent=2)
     torch.manual_seed(cfg.seed)  # the student's initialisation depends on the cell's seed only
     functions = {"distill": stages.distill, "refine": stages.refine, "supervised": stages.supervised_baseline}
@@ -633,7 +620,7 @@ def run_ablations(
         overrides: pipeline overrides for every cell (``--set``), applied before each row's own.
         only: table keys to run (default: all).
         seeds: seeds per cell (default: the config's, or its ``quick.seeds`` with ``quick``).
-        quick: tiny sizes (``cli.QUICK_OVERRIDES`` plus ``quick.overrides``) and ``quick.root``.
+        quick: tiny sizes (``config.QUICK_OVERRIDES`` plus ``quick.overrides``) and ``quick.root``.
         resume: skip finished cells and resume half-finished ones; ``False`` recomputes the selected
             cells and the teachers they use.
         progress: show a progress bar over cells (with ETA).
@@ -644,7 +631,7 @@ def run_ablations(
         ConfigError: bad keys or values in the config or the overrides.
         ValueError: an unknown table in ``only`` or ``seeds < 1``.
     """
-    from .cli import QUICK_OVERRIDES
+    from .config import QUICK_OVERRIDES
 
     ablation, pipeline_path = load_ablation_config(config)
     seed_count = seeds if seeds is not None else (ablation.quick.seeds if quick else ablation.seeds)

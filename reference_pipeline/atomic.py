@@ -11,11 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_write_json", "atomic_write_text", "fsync_dir", "fsync_file"]
+__all__ = ["link_or_copy", "atomic_path", "atomic_write_json", "atomic_write_text", "fsync_dir", "fsync_file"]
 
 
 def fsync_file(path: str | os.PathLike[str]) -> None:
@@ -71,3 +72,15 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike[str], data: Any, **dumps_kwargs: Any) -> Path:
     """Write ``json.dumps(data, **dumps_kwargs)`` to ``path`` atomically; returns ``path``."""
     return atomic_write_text(path, json.dumps(data, **dumps_kwargs))
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link ``source`` to ``target`` (copy across file systems); an existing ``target`` is replaced."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copy2(source, tmp)
+    tmp.replace(target)

@@ -25,34 +25,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["QUICK_OVERRIDES", "build_parser", "main"]
+__all__ = ["build_parser", "main"]
 
 logger = logging.getLogger("reference_pipeline")
-
-#: ``--quick``: tiny sizes that exercise every stage and the report in about a minute (CI).
-QUICK_OVERRIDES: tuple[str, ...] = (
-    "data.root=data/synthetic_tiny",  # never replace the full demo dataset (and its cached teacher)
-    "data.synthetic_size=[8,8,8,4]",
-    "data.synthetic_image_size=[64,64]",
-    "data.image_size=[64,64]",
-    "data.label_fraction=0.5",
-    "data.max_val_images=4",
-    "teacher_pretrain.train.steps=4",
-    "teacher_pretrain.train.batch_size=4",
-    "teacher_finetune.train.steps=2",
-    "teacher_finetune.train.batch_size=2",
-    "teacher_self_train.train.steps=2",
-    "teacher_self_train.train.batch_size=2",
-    "distill.train.steps=3",
-    "distill.train.batch_size=2",
-    "refine.train.steps=2",
-    "refine.train.batch_size=2",
-    "baseline.train.steps=5",
-    "baseline.train.batch_size=2",
-    "contrast.num_negatives=32",
-    "eval.latency_repeats=2",
-    "eval.overlay_images=2",
-)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -114,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    """The run's :class:`~reference_pipeline.pipeline_config.PipelineConfig` from ``--config``/``--quick``/``--set``."""
-    from .pipeline_config import load_pipeline_config
+    """The run's :class:`~reference_pipeline.config.PipelineConfig` from ``--config``/``--quick``/``--set``."""
+    from .config import QUICK_OVERRIDES, load_pipeline_config
 
     config = args.config or _default_config()
     overrides = list(QUICK_OVERRIDES) if args.quick else []

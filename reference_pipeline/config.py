@@ -1,61 +1,54 @@
-"""Configuration: plain (nested) dataclasses loaded from YAML plus ``key.sub=value`` overrides.
+"""The pipeline's configuration, top to bottom: one training loop's settings, data, models, loss terms, stages.
 
-No registries and no magic: a config is a dataclass whose fields have defaults; a YAML file
-(read with :func:`yaml.safe_load`) overrides some of them, and command-line overrides such as
-``--set train.steps=200 --set train.milestones=[0.8,0.9]`` override those. Every value is checked
-against the field's type annotation and coerced where it is unambiguous (a YAML list to a tuple,
-an integer to a float, ``"1e-4"`` — which YAML 1.1 reads as a string — to a float). Unknown keys are
-rejected with the list of valid keys at that level and a "did you mean" suggestion; a bad value is
-rejected naming the key, the value and the expected type::
+One :class:`PipelineConfig` describes a whole run. Each training stage is a :class:`StageConfig`: the
+loop's :class:`TrainConfig` plus the weights of the unified objective
+``J = L_sup + λ_semi·L_semi + λ_pxl·L_pxl``. Defaults are the paper's Table 7 at full scale; the shipped
+YAML files (``configs/*.yaml``) override what differs (sizes, steps, data paths). Load with
+:func:`load_pipeline_config`, which rejects unknown keys and bad values naming them (the generic
+YAML-to-dataclass loader is :mod:`reference_pipeline.config_loader`).
 
-    cfg = load_config(TrainConfig, "configs/demo.yaml", ["steps=50", "amp=bf16"])
-    save_config(cfg, run_dir / "train_config.yaml")      # atomic; load_config reads it back equal
-
-:class:`TrainConfig` holds what one call of :func:`reference_pipeline.engine.train` needs.
+:data:`STAGES` is the one table of stage names: the same name is the config section, the run-directory
+folder and the report row.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import os
-import types
-import typing
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Literal
 
-import yaml
-
-from .atomic import atomic_write_text
+from .config_loader import ConfigError, apply_overrides, config_from_dict, config_to_dict, load_config, save_config
+from .losses import CriterionConfig
+from .models.demo import demo_teacher_config
+from .models.student import StudentConfig
+from .models.teacher import TeacherConfig
+from .pseudo_labels import PseudoLabelConfig
 
 __all__ = [
     "ConfigError",
+    "ContrastConfig",
+    "DataConfig",
+    "EvalConfig",
+    "PipelineConfig",
+    "QUICK_OVERRIDES",
+    "StageConfig",
     "TrainConfig",
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
     "load_config",
-    "paper_student_config",
-    "paper_teacher_config",
+    "load_pipeline_config",
     "save_config",
 ]
-
-ConfigT = TypeVar("ConfigT")
-
-_NULL_WORDS = {"null", "~", "none", "None", "NULL", ""}
-
-
-class ConfigError(ValueError):
-    """A configuration file or override is invalid (the message names the key and what was expected)."""
 
 
 @dataclass
 class TrainConfig:
     r"""What one call of the training loop needs (optimizer, schedule, precision, cadence, data loading).
 
-    The paper's Table 7 values (see :func:`paper_teacher_config` and :func:`paper_student_config`):
+    The paper's Table 7 values (the defaults of :class:`PipelineConfig`'s teacher and student stages):
 
     ==================  ==================================  =====================================
     Parameter           Teacher                             Student
@@ -156,377 +149,224 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be positive or None (no clipping), got {self.grad_clip}")
 
 
-def paper_teacher_config(steps: int, **changes: Any) -> TrainConfig:
-    """The teacher's Table 7 settings: lr 5e-5, multi-step (0.9, 0.95), batch 4, wd 0.01, no clipping.
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are viewed.
 
-    Args:
-        steps: total steps (the paper: 1k adaptation + 5k with pseudo-labels).
-        **changes: further :class:`TrainConfig` fields to set.
-
-    Returns:
-        The config.
+    Attributes:
+        format: ``"synthetic"`` (the built-in dataset, generated under ``root`` on first use),
+            ``"coco"`` (any COCO-format folder), ``"cityscapes"`` or ``"ade20k"``.
+        root: dataset folder (synthetic / Cityscapes / ADE20K) or COCO image root.
+        train_annotations: COCO-format only: instances JSON of the training images.
+        val_annotations: COCO-format only: instances JSON of the validation images.
+        val_images: COCO-format only: image folder of the validation split (default: ``root``).
+        label_fraction: fraction of the training images used as labeled (the rest is unlabeled),
+            e.g. 0.1 for the paper's 10 % setting; the synthetic dataset's labeled pool is
+            ``target_labeled`` and this fraction is taken from it.
+        split_seed: seed of the labeled split.
+        image_size: ``(height, width)`` of the training views and of evaluation inputs.
+        synthetic_size: synthetic only: images per split ``(source_train, target_labeled,
+            target_unlabeled, target_val)``.
+        synthetic_image_size: synthetic only: generated image size.
+        synthetic_seed: synthetic only: generator seed.
+        synthetic_object_scale: synthetic only: object size multiplier
+            (:attr:`~reference_pipeline.data.synthetic.SyntheticConfig.object_scale`).
+        max_val_images: evaluate on at most this many validation images (0 = all).
     """
-    base = {
-        "steps": steps,
-        "batch_size": 4,
-        "lr_encoder": 5e-5,
-        "lr_decoder": 5e-5,
-        "weight_decay": 0.01,
-        "scheduler": "multistep",
-        "milestones": (0.9, 0.95),
-        "gamma": 0.1,
-        "grad_clip": None,
-    }
-    return TrainConfig(**{**base, **changes})
+
+    format: Literal["synthetic", "coco", "cityscapes", "ade20k"] = "synthetic"
+    root: str = "data/synthetic"
+    train_annotations: str = ""
+    val_annotations: str = ""
+    val_images: str = ""
+    label_fraction: float = 1.0
+    split_seed: int = 0
+    image_size: tuple[int, int] = (512, 1024)
+    synthetic_size: tuple[int, int, int, int] = (400, 300, 2000, 300)
+    synthetic_image_size: tuple[int, int] = (128, 128)
+    synthetic_seed: int = 0
+    synthetic_object_scale: float = 1.0
+    max_val_images: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
+        if len(self.image_size) != 2 or min(self.image_size) < 16:
+            raise ValueError(f"image_size must be (height, width) >= 16, got {self.image_size}")
+        if self.max_val_images < 0:
+            raise ValueError(f"max_val_images must be >= 0, got {self.max_val_images}")
 
 
-def paper_student_config(steps: int, **changes: Any) -> TrainConfig:
-    """The student's Table 7 settings: encoder lr 5e-5, decoder 5e-4, PolyLR 0.9, batch 8, wd 0.05, clip 0.1.
+@dataclass
+class ContrastConfig:
+    """The instance-aware pixel contrastive term (``instcontrast.InstanceAwarePixelContrast``).
 
-    Args:
-        steps: total steps (the paper: 90k Cityscapes, 80k ADE20K, 2k refinement).
-        **changes: further :class:`TrainConfig` fields to set.
-
-    Returns:
-        The config.
+    Attributes:
+        temperature: InfoNCE temperature ``T`` (paper: 0.2).
+        num_negatives: negatives per anchor ``R`` (paper: 256).
+        strategy: ``"fusion"`` (paper), ``"mask"``, ``"class"`` or ``"uniform"``.
+        score: ``"linear"`` (paper), ``"squared"`` or ``"sqrt"``.
+        loss: ``"infonce"`` (paper) or ``"hinge"``.
+        memory_bank: size of the pixel memory bank (0 = mini-batch negatives only).
+        embedding_dim: output size of the projection head.
     """
-    base = {
-        "steps": steps,
-        "batch_size": 8,
-        "lr_encoder": 5e-5,
-        "lr_decoder": 5e-4,
-        "weight_decay": 0.05,
-        "scheduler": "poly",
-        "poly_power": 0.9,
-        "grad_clip": 0.1,
-    }
-    return TrainConfig(**{**base, **changes})
+
+    temperature: float = 0.2
+    num_negatives: int = 256
+    strategy: Literal["uniform", "mask", "class", "fusion"] = "fusion"
+    score: Literal["linear", "squared", "sqrt"] = "linear"
+    loss: Literal["infonce", "hinge"] = "infonce"
+    memory_bank: int = 0
 
 
-# ----------------------------------------------------------------------------- type coercion
+@dataclass
+class StageConfig:
+    """One training stage: the loop's settings and the objective's weights.
 
-
-def _type_name(tp: Any) -> str:
-    if isinstance(tp, type):
-        return tp.__name__
-    return str(tp).replace("typing.", "")
-
-
-def _bad(key: str, value: Any, tp: Any, extra: str = "") -> ConfigError:
-    return ConfigError(f"config key {key!r}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__}){extra}")
-
-
-def _is_union(tp: Any) -> bool:
-    return typing.get_origin(tp) in (Union, types.UnionType)
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` and convert it where unambiguous."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, Mapping):
-            raise _bad(key, value, tp, " (a mapping of its fields)")
-        return _build(tp, value, key)
-    if _is_union(tp):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in args:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, key)
-            except ConfigError as error:
-                errors.append(str(error))
-        raise _bad(key, value, tp)
-    if origin is Literal:
-        for option in args:
-            if value == option and type(value) is type(option):
-                return option
-        raise ConfigError(f"config key {key!r}: expected one of {list(args)}, got {value!r}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _bad(key, value, tp, " (write true or false)")
-    if tp is int:
-        if isinstance(value, bool):
-            raise _bad(key, value, tp)
-        if isinstance(value, int):
-            return value
-        number = _as_number(value)
-        if number is not None and float(number).is_integer():
-            return int(number)
-        raise _bad(key, value, tp)
-    if tp is float:
-        if isinstance(value, bool):
-            raise _bad(key, value, tp)
-        number = _as_number(value)
-        if number is None:
-            raise _bad(key, value, tp)
-        return float(number)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _bad(key, value, tp, " (quote it in YAML)")
-    if tp is Path:
-        if isinstance(value, (str, Path)):
-            return Path(value)
-        raise _bad(key, value, tp)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise _bad(key, value, tp, " (a list)")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise _bad(key, value, tp, f" (a list of exactly {len(args)} items)")
-        return tuple(_coerce(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, args)))
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise _bad(key, value, tp, " (a list)")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise _bad(key, value, tp, " (a mapping)")
-        if not args:
-            return dict(value)
-        return {_coerce(k, args[0], f"{key}.<key>"): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
-    if isinstance(tp, type):
-        if isinstance(value, tp):
-            return value
-        raise _bad(key, value, tp)
-    raise ConfigError(f"config key {key!r}: unsupported field type {_type_name(tp)}")
-
-
-def _as_number(value: Any) -> float | int | None:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
-
-
-def _unknown_key(key: str, prefix: str, valid: Sequence[str]) -> ConfigError:
-    full = f"{prefix}.{key}" if prefix else key
-    close = difflib.get_close_matches(key, valid, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"unknown config key {full!r}. Valid keys at this level: {', '.join(valid)}.{hint}")
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
-
-
-def _build(cls: type[ConfigT], data: Mapping[str, Any], prefix: str = "") -> ConfigT:
-    types_ = _field_types(cls)
-    for key in data:
-        if key not in types_:
-            raise _unknown_key(str(key), prefix, list(types_))
-    kwargs = {key: _coerce(value, types_[key], f"{prefix}.{key}" if prefix else key) for key, value in data.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as error:  # a required field is missing
-        raise ConfigError(f"{prefix or cls.__name__}: {error}") from error
-    except ValueError as error:
-        raise ConfigError(f"{prefix or cls.__name__}: {error}") from error
-
-
-def config_from_dict(cls: type[ConfigT], data: Mapping[str, Any]) -> ConfigT:
-    """Build a (nested) dataclass config from a mapping, checking every key and value.
-
-    Args:
-        cls: the dataclass type.
-        data: field values (nested mappings for nested dataclasses); missing fields keep defaults.
-
-    Returns:
-        The config.
-
-    Raises:
-        ConfigError: on an unknown key, a value of the wrong type or a value the dataclass rejects.
+    Attributes:
+        train: optimizer, schedule, batch, cadence.
+        lambda_semi: weight of the pseudo-label term (0 = no unlabeled data in this stage).
+        lambda_pxl: weight of the pixel contrastive term (paper: 0.2).
     """
-    if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
-        raise TypeError(f"cls must be a dataclass type, got {cls!r}")
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"a {cls.__name__} config must be a mapping of keys to values, got {type(data).__name__}")
-    return _build(cls, data)
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lambda_semi: float = 1.0
+    lambda_pxl: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.lambda_semi < 0 or self.lambda_pxl < 0:
+            raise ValueError(f"loss weights must be >= 0, got λ_semi={self.lambda_semi}, λ_pxl={self.lambda_pxl}")
 
 
-def _strip_optional(tp: Any) -> Any:
-    if _is_union(tp):
-        rest = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(rest) == 1:
-            return rest[0]
-    return tp
+def _teacher_stage(steps: int, lambda_semi: float) -> StageConfig:
+    return StageConfig(
+        train=TrainConfig(
+            steps=steps, batch_size=4, lr_encoder=5e-5, lr_decoder=5e-5, weight_decay=0.01,
+            scheduler="multistep", milestones=(0.9, 0.95), grad_clip=None,
+        ),
+        lambda_semi=lambda_semi,
+        lambda_pxl=0.2,
+    )
 
 
-def apply_overrides(cls: type, data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply ``key.sub=value`` overrides to a raw config mapping (before validation).
+def _student_stage(steps: int, lambda_semi: float, lambda_pxl: float) -> StageConfig:
+    return StageConfig(
+        train=TrainConfig(
+            steps=steps, batch_size=8, lr_encoder=5e-5, lr_decoder=5e-4, weight_decay=0.05,
+            scheduler="poly", poly_power=0.9, grad_clip=0.1,
+        ),
+        lambda_semi=lambda_semi,
+        lambda_pxl=lambda_pxl,
+    )
 
-    Values are parsed with :func:`yaml.safe_load` (``3``, ``0.5``, ``true``, ``null``, ``[1, 2]``),
-    except for ``str`` / ``Path`` fields, which take the text as written. Keys are checked against
-    the dataclass fields level by level.
 
-    Args:
-        cls: the dataclass type the mapping describes.
-        data: the raw mapping (not modified).
-        overrides: strings ``"a.b.c=value"`` (a leading ``--set`` word is not part of them).
+@dataclass
+class EvalConfig:
+    """Evaluation and reporting.
 
-    Returns:
-        A new nested mapping with the overrides applied.
-
-    Raises:
-        ConfigError: on a malformed override or an unknown key.
+    Attributes:
+        batch_size: images per inference pass.
+        top_k: predictions kept per image (Mask2Former's ``test_topk_per_image``).
+        latency_repeats: forward passes timed per model for the report's latency column.
+        overlay_images: validation images shown in the overlay figure.
     """
-    result = _deep_copy(data)
-    for override in overrides:
-        if "=" not in override:
-            raise ConfigError(f"override {override!r} must look like key.sub=value")
-        dotted, text = override.split("=", 1)
-        parts = dotted.strip().split(".")
-        if not all(parts):
-            raise ConfigError(f"override {override!r}: empty key component in {dotted!r}")
-        node, node_cls, prefix = result, cls, ""
-        for depth, part in enumerate(parts):
-            types_ = _field_types(node_cls)
-            if part not in types_:
-                raise _unknown_key(part, prefix, list(types_))
-            field_type = _strip_optional(types_[part])
-            prefix = f"{prefix}.{part}" if prefix else part
-            if depth == len(parts) - 1:
-                if field_type in (str, Path) and text.strip() not in _NULL_WORDS:
-                    node[part] = text
-                else:
-                    try:
-                        node[part] = yaml.safe_load(text)
-                    except yaml.YAMLError as error:
-                        raise ConfigError(f"override {override!r}: cannot parse value {text!r}: {error}") from error
-            else:
-                if not (dataclasses.is_dataclass(field_type) and isinstance(field_type, type)):
-                    raise ConfigError(f"override {override!r}: {prefix!r} is a {_type_name(field_type)}, not a section")
-                child = node.get(part)
-                if not isinstance(child, dict):
-                    child = config_to_dict(child) if dataclasses.is_dataclass(child) else {}
-                    node[part] = child
-                node, node_cls = child, field_type
-    return result
+
+    batch_size: int = 8
+    top_k: int = 100
+    latency_repeats: int = 10
+    overlay_images: int = 4
 
 
-def _defaults(cls: type) -> dict[str, Any]:
-    """The default instance of ``cls`` as a nested mapping (``{}`` if ``cls`` has required fields).
+@dataclass
+class PipelineConfig:
+    """A whole run of the three-stage method.
 
-    Starting from it keeps the defaults a parent sets for a nested section (e.g. a stage's own
-    learning rates) when a file or an override changes only some keys of that section.
+    Attributes:
+        run_dir: where checkpoints, metrics, pseudo-labels and the report go.
+        seed: global seed (each stage derives its own).
+        student_seeds: how many times the student-side trainings (distill, refine, supervised-only baseline) run,
+            with seeds ``seed, seed + 1, …``, all from the same adapted teacher and pseudo-labels (the teacher is
+            fixed, as the paper's foundation models are). Seed ``seed`` lives in ``run_dir``, the others in
+            ``run_dir/seeds/seed<k>``; the report states every ordering against the seed spread.
+        threads: CPU threads for torch (0 = leave torch's default).
+        data: the dataset.
+        teacher_kind: ``"foundation"`` (Grounding-DINO + SAM2 from local weights, the paper's teacher)
+            or ``"demo"`` (a larger model of the student's architecture pretrained on the synthetic
+            ``source`` domain; it only stands in for a foundation model).
+        foundation_teacher: settings of the foundation teacher (``class_names`` are taken from the dataset).
+        demo_teacher: architecture of the demo teacher (``num_classes`` is taken from the dataset).
+        student: the student's architecture (default: the paper's DINOv2-S student; ``num_classes`` is
+            taken from the dataset).
+        criterion: the set criterion's weights (mask 5, dice 5, class 2, no-object 0.1).
+        contrast: the pixel contrastive term.
+        pseudo_labels: how teacher outputs become pseudo-instances (threshold 0.3).
+        teacher_pretrain: demo only: pretraining of the demo teacher on the source domain.
+        teacher_finetune: stage 1a: fine-tune the teacher on the labeled split (``J(θ; Dˡ, ∅, λ_pxl)``).
+        teacher_self_train: stage 1b: re-initialise from the pretrained teacher, train on labeled +
+            pseudo-labeled data.
+        distill: stage 2: the student with supervised, pseudo-label and contrastive terms.
+        refine: stage 3: the student on labeled data only.
+        baseline: the supervised-only student for comparison (same budget as distill + refine).
+        eval: evaluation settings.
     """
-    try:
-        return config_to_dict(cls())
-    except TypeError:
-        return {}
+
+    run_dir: str = "runs/default"
+    seed: int = 0
+    student_seeds: int = 1
+    threads: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher_kind: Literal["foundation", "demo"] = "foundation"
+    foundation_teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(class_names=("object",)))
+    demo_teacher: StudentConfig = field(default_factory=lambda: demo_teacher_config(num_classes=1))
+    student: StudentConfig = field(default_factory=lambda: StudentConfig.paper(num_classes=1))
+    criterion: CriterionConfig = field(default_factory=CriterionConfig)
+    contrast: ContrastConfig = field(default_factory=ContrastConfig)
+    pseudo_labels: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    teacher_pretrain: StageConfig = field(default_factory=lambda: _teacher_stage(5000, 0.0))
+    teacher_finetune: StageConfig = field(default_factory=lambda: _teacher_stage(1000, 0.0))
+    teacher_self_train: StageConfig = field(default_factory=lambda: _teacher_stage(5000, 1.0))
+    distill: StageConfig = field(default_factory=lambda: _student_stage(90000, 1.0, 0.2))
+    refine: StageConfig = field(default_factory=lambda: _student_stage(2000, 0.0, 0.0))
+    baseline: StageConfig = field(default_factory=lambda: _student_stage(92000, 0.0, 0.0))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_path(self) -> Path:
+        """``run_dir`` as a path."""
+        return Path(self.run_dir)
 
 
-def _merge(base: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
-    """``data`` laid over ``base``, section by section (nested mappings merge, other values replace)."""
-    merged = _deep_copy(base)
-    for key, value in data.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = _deep_copy(value) if isinstance(value, Mapping) else value
-    return merged
+def load_pipeline_config(path: str | None, overrides: Sequence[str] = ()) -> PipelineConfig:
+    """Load a :class:`PipelineConfig` from YAML plus ``key.sub=value`` overrides (see :func:`~reference_pipeline.config.load_config`)."""
+    return load_config(PipelineConfig, path, overrides)
 
 
-def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+def stage_names() -> list[str]:
+    """Names of the :class:`StageConfig` fields of :class:`PipelineConfig`, in pipeline order."""
+    return [f.name for f in dataclasses.fields(PipelineConfig) if f.type in ("StageConfig", StageConfig)]
 
 
-def load_config(
-    cls: type[ConfigT],
-    path: str | os.PathLike[str] | None = None,
-    overrides: Sequence[str] = (),
-) -> ConfigT:
-    """Load a dataclass config: defaults, then a YAML file, then ``key.sub=value`` overrides.
-
-    Args:
-        cls: the (possibly nested) dataclass type.
-        path: a YAML file (read with :func:`yaml.safe_load`), or ``None`` for the defaults.
-        overrides: ``"key.sub=value"`` strings applied after the file.
-
-    Returns:
-        The validated config.
-
-    Raises:
-        FileNotFoundError: if ``path`` does not exist.
-        ConfigError: on YAML syntax errors (with the file and line), unknown keys (with the valid
-            keys), values of the wrong type (naming key, value and expected type) or values the
-            dataclass rejects.
-    """
-    data: Any = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: invalid YAML: {error}") from error
-        if data is None:
-            data = {}
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
-    try:
-        return config_from_dict(cls, apply_overrides(cls, _merge(_defaults(cls), data), overrides))
-    except ConfigError as error:
-        where = f"{path}: " if path is not None else ""
-        raise ConfigError(f"{where}{error}") from None
-
-
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def config_to_dict(config: Any) -> dict[str, Any]:
-    """A dataclass config as plain YAML-safe data (tuples become lists, paths strings).
-
-    Args:
-        config: a dataclass instance.
-
-    Returns:
-        Nested dicts, lists and scalars; :func:`config_from_dict` turns it back into an equal config.
-
-    Raises:
-        TypeError: if ``config`` is not a dataclass instance.
-    """
-    if not dataclasses.is_dataclass(config) or isinstance(config, type):
-        raise TypeError(f"config must be a dataclass instance, got {type(config).__name__}")
-    return _plain(config)
-
-
-def save_config(config: Any, path: str | os.PathLike[str]) -> Path:
-    """Write a config as YAML atomically (temporary file, fsync, rename).
-
-    Args:
-        config: a dataclass instance.
-        path: destination; parent folders are created.
-
-    Returns:
-        The destination path.
-
-    Raises:
-        OSError: if the file cannot be written (the previous file, if any, is left intact).
-    """
-    return atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
+#: ``--quick``: tiny sizes that exercise every stage and the report in about a minute (CI).
+QUICK_OVERRIDES: tuple[str, ...] = (
+    "data.root=data/synthetic_tiny",  # never replace the full demo dataset (and its cached teacher)
+    "data.synthetic_size=[8,8,8,4]",
+    "data.synthetic_image_size=[64,64]",
+    "data.image_size=[64,64]",
+    "data.label_fraction=0.5",
+    "data.max_val_images=4",
+    "teacher_pretrain.train.steps=4",
+    "teacher_pretrain.train.batch_size=4",
+    "teacher_finetune.train.steps=2",
+    "teacher_finetune.train.batch_size=2",
+    "teacher_self_train.train.steps=2",
+    "teacher_self_train.train.batch_size=2",
+    "distill.train.steps=3",
+    "distill.train.batch_size=2",
+    "refine.train.steps=2",
+    "refine.train.batch_size=2",
+    "baseline.train.steps=5",
+    "baseline.train.batch_size=2",
+    "contrast.num_negatives=32",
+    "eval.latency_repeats=2",
+    "eval.overlay_images=2",
+)

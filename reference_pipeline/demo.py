@@ -21,11 +21,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import stages
-from .atomic import atomic_write_json
-from .config import save_config
-from .engine import _barrier, distributed_info
+from .atomic import atomic_write_json, link_or_copy
+from .config import PipelineConfig, save_config
+from .engine import barrier, distributed_info
 from .evaluate import resolution_ceiling
-from .pipeline_config import PipelineConfig
 from .report import write_report
 
 __all__ = ["run_demo", "run_pipeline", "seed_run"]
@@ -105,14 +104,12 @@ def seed_run(cfg: PipelineConfig, offset: int) -> PipelineConfig:
     The adapted teacher's weights and its pseudo-labels are hard-linked (copied across file systems) from
     ``run_dir``, so every seed distils from the same teacher and labels.
     """
-    from .ablate import _link
-
     folder = cfg.run_path / "seeds" / f"seed{offset}"
     if distributed_info().is_main:
         for shared in ("teacher_adapted/model.safetensors", "pseudo_labels_adapted.json"):
             if not (folder / shared).is_file():
-                _link(cfg.run_path / shared, folder / shared)
-    _barrier(distributed_info())
+                link_or_copy(cfg.run_path / shared, folder / shared)
+    barrier(distributed_info())
     return replace(cfg, seed=cfg.seed + offset, run_dir=str(folder), student_seeds=1)
 
 

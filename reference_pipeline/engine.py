@@ -93,6 +93,7 @@ __all__ = [
     "Stateful",
     "StepFn",
     "TrainResult",
+    "barrier",
     "build_optimizer",
     "build_scheduler",
     "cleanup_distributed",
@@ -102,6 +103,7 @@ __all__ = [
     "init_distributed",
     "move_to_device",
     "read_metrics",
+    "resolve_device",
     "train",
 ]
 
@@ -246,7 +248,8 @@ def exit_process(code: int = 0) -> None:
     os._exit(code)
 
 
-def _barrier(info: DistInfo) -> None:
+def barrier(info: DistInfo) -> None:
+    """Wait for every rank (nothing to do in a single process)."""
     if info.distributed:
         dist.barrier()
 
@@ -548,7 +551,8 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def _resolve_device(name: str, info: DistInfo) -> torch.device:
+def resolve_device(name: str, info: DistInfo) -> torch.device:
+    """The device a config's ``device`` names (``auto``: this rank's GPU when there is one, else the CPU)."""
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' was requested but CUDA is not available; use 'auto' or 'cpu'")
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
@@ -781,7 +785,7 @@ def train(
     """
     started = time.perf_counter()
     info = init_distributed()
-    device = _resolve_device(config.device, info)
+    device = resolve_device(config.device, info)
     if config.amp == "fp16" and device.type != "cuda":
         raise ValueError("amp='fp16' needs a CUDA device (gradient scaling); use amp='bf16' on CPU")
     if config.batch_size % info.world_size:
@@ -969,7 +973,7 @@ def train(
                     last_eval = _evaluate(model, evaluate_fn, step)
                     log.write(last_eval)
                     history.append(last_eval)
-                _barrier(info)
+                barrier(info)
                 train_model.train()
 
             # ---- checkpoint

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .atomic import atomic_path
-from .pipeline_config import PipelineConfig
+from .config import PipelineConfig
 
 __all__ = ["ExportResult", "InferenceWrapper", "export_model", "export_onnx"]
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -38,8 +39,12 @@ from instcontrast.views import ViewGeometry, align_views
 
 from .models.outputs import InstanceTargets, SegmentationOutput
 
+if TYPE_CHECKING:
+    from .data.semi import SemiBatch
+
 __all__ = [
     "CriterionConfig",
+    "Objective",
     "SetCriterion",
     "pixel_contrast_term",
     "unified_objective",
@@ -475,3 +480,97 @@ def pixel_contrast_term(
         instance_ids=instance_ids,
         generator=generator,
     )
+
+
+# ------------------------------------------------------------------------------- one step's J
+def _slice_output(output: SegmentationOutput, start: int, stop: int) -> SegmentationOutput:
+    return SegmentationOutput(
+        mask_logits=output.mask_logits[start:stop],
+        class_logits=output.class_logits[start:stop],
+        pixel_embeddings=output.pixel_embeddings[start:stop],
+        aux_outputs=[{key: value[start:stop] for key, value in aux.items()} for aux in output.aux_outputs],
+    )
+
+
+def _cat_geometry(parts: Sequence[ViewGeometry], device: torch.device) -> ViewGeometry:
+    return ViewGeometry(
+        boxes=torch.cat([g.boxes for g in parts]).to(device), flips=torch.cat([g.flips for g in parts]).to(device)
+    )
+
+
+class Objective:
+    """``J = L_sup + λ_semi·L_semi + λ_pxl·L_pxl`` on a :class:`~reference_pipeline.data.semi.SemiBatch`.
+
+    Args:
+        criterion: the set criterion (Hungarian matching, mask BCE + dice, class CE).
+        contrast: the library's instance-aware contrastive loss, or ``None`` (no pixel term).
+        lambda_semi: weight of the pseudo-label term.
+        lambda_pxl: weight of the pixel contrastive term.
+    """
+
+    def __init__(
+        self, criterion: SetCriterion, contrast: InstanceAwarePixelContrast | None, lambda_semi: float, lambda_pxl: float
+    ) -> None:
+        self.criterion = criterion
+        self.contrast = contrast if lambda_pxl > 0 else None
+        self.lambda_semi = float(lambda_semi)
+        self.lambda_pxl = float(lambda_pxl)
+
+    def __call__(self, model: nn.Module, batch: SemiBatch) -> tuple[Tensor, dict[str, float]]:
+        """One step's objective and its logged terms (each loss term, FNR, margin, acceptance)."""
+        device = next(model.parameters()).device
+        labeled, unlabeled = batch.labeled, batch.unlabeled
+        num_labeled = len(labeled)
+        anchor_images = [labeled.weak.images]
+        if unlabeled is not None:
+            anchor_images.append(unlabeled.strong.images)
+        output = model(torch.cat(anchor_images).to(device))  # anchors: (B_l + B_u, ...)
+        sup = self.criterion(_slice_output(output, 0, num_labeled), _to(labeled.targets("weak"), device))
+        semi = None
+        if unlabeled is not None and self.lambda_semi > 0:
+            semi = self.criterion(
+                _slice_output(output, num_labeled, output.mask_logits.shape[0]), _to(unlabeled.targets("strong"), device)
+            )
+        pxl, stats = None, {}
+        if self.contrast is not None:
+            contrast_out = self._pixel_term(model, output, batch, device)
+            pxl = contrast_out.loss
+            stats = _contrast_stats(contrast_out.stats)
+        loss, logs = unified_objective(sup, semi, pxl, self.lambda_semi, self.lambda_pxl)
+        logs.update(stats)
+        return loss, logs
+
+    def _pixel_term(self, model: nn.Module, output: SegmentationOutput, batch: SemiBatch, device: torch.device) -> Any:
+        labeled, unlabeled = batch.labeled, batch.unlabeled
+        target_images = [labeled.strong.images]
+        anchor_geometry, target_geometry = [labeled.weak.geometry], [labeled.strong.geometry]
+        instance_ids = [labeled.weak_ids]
+        if unlabeled is not None:
+            target_images.append(unlabeled.weak.images)
+            anchor_geometry.append(unlabeled.strong.geometry)
+            target_geometry.append(unlabeled.weak.geometry)
+            instance_ids.append(unlabeled.strong_ids)
+        core = getattr(model, "module", model)  # the DDP wrapper's forward is for gradient passes only
+        with torch.no_grad():
+            target = core(torch.cat(target_images).to(device))  # the other view of each image
+        return pixel_contrast_term(
+            self.contrast,  # type: ignore[arg-type]
+            output,
+            target,
+            _cat_geometry(anchor_geometry, device),
+            _cat_geometry(target_geometry, device),
+            instance_ids=torch.cat(instance_ids).to(device),
+        )
+
+
+def _to(targets: list[InstanceTargets], device: torch.device) -> list[InstanceTargets]:
+    return [InstanceTargets(t.masks.to(device), t.class_ids.to(device)) for t in targets]
+
+
+def _contrast_stats(stats: Any) -> dict[str, float]:
+    return {
+        "margin": float(stats.margin),
+        "acceptance": float(stats.acceptance),
+        "fallbacks": float(stats.fallbacks),
+        "fnr": float(stats.fnr) if stats.fnr is not None else float("nan"),  # same keys every step
+    }

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from .config import PipelineConfig
 from .data.structures import InstanceSample, load_rgb_image
 from .evaluate import postprocess_mask2former, predictions_to_coco_results
 from .inference import predict_dataset
-from .pipeline_config import PipelineConfig
 from .visualize import panel_from_predictions, save_overlay_grid
 
 __all__ = ["IMAGE_SUFFIXES", "ImageFolder", "predict_folder"]

@@ -20,10 +20,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .atomic import atomic_write_text
+from .config import PipelineConfig
 from .data.structures import InstanceSample
 from .engine import read_metrics
 from .evaluate import InstancePredictions, postprocess_mask2former
-from .pipeline_config import PipelineConfig
 from .visualize import OverlayPanel, panel_from_predictions, panel_from_sample, save_overlay_grid
 
 __all__ = ["STAGE_LABELS", "OrderCheck", "order_verdict", "paper_order_checks", "seed_values", "write_report"]

@@ -11,7 +11,7 @@ The unified objective (paper Eq. 3) on a batch of labeled data ``Dˡ`` and pseud
 2. **distill**: pseudo-label ``Dᵘ`` with the adapted (frozen) teacher; train the student with ``J``.
 3. **refine**: fine-tune the student on ``Dˡ`` only (``λ_semi = λ_pxl = 0``).
 
-How one step computes ``J`` (:class:`Objective`): the *anchor* views — weak views of labeled images
+How one step computes ``J`` (:class:`~reference_pipeline.losses.Objective`): the *anchor* views — weak views of labeled images
 and strong views of pseudo-labeled ones — go through the model with gradients; ``L_sup`` and
 ``L_semi`` are the set criterion on them (pseudo-labels are made on the unaugmented image and
 follow the strong view's geometry). For ``L_pxl``, the *other* view of each image goes through the
@@ -39,11 +39,10 @@ import torch
 from torch import Tensor, nn
 
 from instcontrast import InstanceAwarePixelContrast, PixelMemoryBank
-from instcontrast.views import ViewGeometry
 
 from .atomic import atomic_write_text
 from .checkpoint import check_writable, load_weights, save_weights
-from .config import TrainConfig
+from .config import ContrastConfig, PipelineConfig, StageConfig, TrainConfig
 from .data import CityscapesInstanceDataset, CocoInstanceDataset, SubsetDataset, make_label_split
 from .data.ade20k import ADE20KInstanceDataset
 from .data.augment import StrongViewConfig, TwoViewTransform, WeakViewConfig
@@ -51,26 +50,22 @@ from .data.coco import encode_mask
 from .data.semi import (
     PseudoInstances,
     PseudoLabeledDataset,
-    SemiBatch,
     SemiSupervisedDataset,
     TwoViewDataset,
     collate_semi,
 )
 from .data.structures import InstanceDataset
 from .data.synthetic import GENERATOR_VERSION, SyntheticConfig, generate_dataset, load_synthetic_split
-from .engine import _barrier, _resolve_device, distributed_info, train
+from .engine import barrier, distributed_info, resolve_device, train
 from .evaluate import CocoMaskEvaluator
 from .inference import evaluate_model, predict_dataset
-from .losses import SetCriterion, pixel_contrast_term, unified_objective
+from .losses import Objective, SetCriterion
 from .models.demo import DEMO_TEACHER_NAME
-from .models.outputs import InstanceTargets, SegmentationOutput
 from .models.student import Student, count_parameters
-from .pipeline_config import ContrastConfig, PipelineConfig, StageConfig
 from .pseudo_labels import pseudo_label
 
 __all__ = [
     "Datasets",
-    "Objective",
     "StageResult",
     "adapt_teacher",
     "build_contrast",
@@ -207,100 +202,6 @@ def build_contrast(config: ContrastConfig, embedding_dim: int) -> InstanceAwareP
     )
 
 
-# ------------------------------------------------------------------------------------ objective
-def _slice_output(output: SegmentationOutput, start: int, stop: int) -> SegmentationOutput:
-    return SegmentationOutput(
-        mask_logits=output.mask_logits[start:stop],
-        class_logits=output.class_logits[start:stop],
-        pixel_embeddings=output.pixel_embeddings[start:stop],
-        aux_outputs=[{key: value[start:stop] for key, value in aux.items()} for aux in output.aux_outputs],
-    )
-
-
-def _cat_geometry(parts: Sequence[ViewGeometry], device: torch.device) -> ViewGeometry:
-    return ViewGeometry(
-        boxes=torch.cat([g.boxes for g in parts]).to(device), flips=torch.cat([g.flips for g in parts]).to(device)
-    )
-
-
-class Objective:
-    """``J = L_sup + λ_semi·L_semi + λ_pxl·L_pxl`` on a :class:`~reference_pipeline.data.semi.SemiBatch`.
-
-    Args:
-        criterion: the set criterion (Hungarian matching, mask BCE + dice, class CE).
-        contrast: the library's instance-aware contrastive loss, or ``None`` (no pixel term).
-        lambda_semi: weight of the pseudo-label term.
-        lambda_pxl: weight of the pixel contrastive term.
-    """
-
-    def __init__(
-        self, criterion: SetCriterion, contrast: InstanceAwarePixelContrast | None, lambda_semi: float, lambda_pxl: float
-    ) -> None:
-        self.criterion = criterion
-        self.contrast = contrast if lambda_pxl > 0 else None
-        self.lambda_semi = float(lambda_semi)
-        self.lambda_pxl = float(lambda_pxl)
-
-    def __call__(self, model: nn.Module, batch: SemiBatch) -> tuple[Tensor, dict[str, float]]:
-        """One step's objective and its logged terms (each loss term, FNR, margin, acceptance)."""
-        device = next(model.parameters()).device
-        labeled, unlabeled = batch.labeled, batch.unlabeled
-        num_labeled = len(labeled)
-        anchor_images = [labeled.weak.images]
-        if unlabeled is not None:
-            anchor_images.append(unlabeled.strong.images)
-        output = model(torch.cat(anchor_images).to(device))  # anchors: (B_l + B_u, ...)
-        sup = self.criterion(_slice_output(output, 0, num_labeled), _to(labeled.targets("weak"), device))
-        semi = None
-        if unlabeled is not None and self.lambda_semi > 0:
-            semi = self.criterion(
-                _slice_output(output, num_labeled, output.mask_logits.shape[0]), _to(unlabeled.targets("strong"), device)
-            )
-        pxl, stats = None, {}
-        if self.contrast is not None:
-            contrast_out = self._pixel_term(model, output, batch, device)
-            pxl = contrast_out.loss
-            stats = _contrast_stats(contrast_out.stats)
-        loss, logs = unified_objective(sup, semi, pxl, self.lambda_semi, self.lambda_pxl)
-        logs.update(stats)
-        return loss, logs
-
-    def _pixel_term(self, model: nn.Module, output: SegmentationOutput, batch: SemiBatch, device: torch.device) -> Any:
-        labeled, unlabeled = batch.labeled, batch.unlabeled
-        target_images = [labeled.strong.images]
-        anchor_geometry, target_geometry = [labeled.weak.geometry], [labeled.strong.geometry]
-        instance_ids = [labeled.weak_ids]
-        if unlabeled is not None:
-            target_images.append(unlabeled.weak.images)
-            anchor_geometry.append(unlabeled.strong.geometry)
-            target_geometry.append(unlabeled.weak.geometry)
-            instance_ids.append(unlabeled.strong_ids)
-        core = getattr(model, "module", model)  # the DDP wrapper's forward is for gradient passes only
-        with torch.no_grad():
-            target = core(torch.cat(target_images).to(device))  # the other view of each image
-        return pixel_contrast_term(
-            self.contrast,  # type: ignore[arg-type]
-            output,
-            target,
-            _cat_geometry(anchor_geometry, device),
-            _cat_geometry(target_geometry, device),
-            instance_ids=torch.cat(instance_ids).to(device),
-        )
-
-
-def _to(targets: list[InstanceTargets], device: torch.device) -> list[InstanceTargets]:
-    return [InstanceTargets(t.masks.to(device), t.class_ids.to(device)) for t in targets]
-
-
-def _contrast_stats(stats: Any) -> dict[str, float]:
-    return {
-        "margin": float(stats.margin),
-        "acceptance": float(stats.acceptance),
-        "fallbacks": float(stats.fallbacks),
-        "fnr": float(stats.fnr) if stats.fnr is not None else float("nan"),  # same keys every step
-    }
-
-
 # ------------------------------------------------------------------------------- running a stage
 @dataclass
 class StageResult:
@@ -408,7 +309,7 @@ def train_stage(
         save_weights(getattr(model, "module", model), final)
         atomic_write_text(result_file, json.dumps({"wall_time": result.wall_time, "steps": result.steps,
                                                     "final_logs": result.final_logs}))
-    _barrier(info)
+    barrier(info)
     return result
 
 
@@ -435,7 +336,7 @@ def make_pseudo_labels(
         # rank 0 labels the unlabeled split (hours at full scale: longer than a collective's timeout, so the
         # others watch for its file instead of waiting in a barrier), then they read it
         _wait_for_file(path)
-        _barrier(info)
+        barrier(info)
     if path.is_file():
         return _read_pseudo(path)
     pseudo: dict[int, PseudoInstances] = {}
@@ -467,7 +368,7 @@ def make_pseudo_labels(
     logger.info("pseudo-labels %s: %s", path.name, quality)
     _write_pseudo(path, pseudo)
     atomic_write_text(path.with_name(f"{path.stem}_quality.json"), json.dumps(quality, indent=2))
-    _barrier(info)
+    barrier(info)
     return pseudo
 
 
@@ -594,7 +495,7 @@ def distill(cfg: PipelineConfig, datasets: Datasets, *, resume: bool = True, pro
     student = build_student(cfg, len(datasets.class_names))  # reads student.encoder_weights
     teacher = build_teacher(cfg, datasets.class_names)
     load_weights(teacher, adapted)
-    teacher.requires_grad_(False).to(_resolve_device(cfg.distill.train.device, distributed_info()))  # label on the GPU
+    teacher.requires_grad_(False).to(resolve_device(cfg.distill.train.device, distributed_info()))  # label on the GPU
     pseudo = make_pseudo_labels(teacher, cfg, datasets, cfg.run_path / "pseudo_labels_adapted.json", progress=progress)
     del teacher
     if torch.cuda.is_available():
@@ -649,7 +550,7 @@ def load_stage_model(cfg: PipelineConfig, datasets: Datasets, stage: str) -> nn.
 
 def evaluate_stage(cfg: PipelineConfig, datasets: Datasets, stage: str, *, progress: bool = True) -> dict[str, float]:
     """Mask AP / AP50 on the validation split, parameters and latency per image of ``stage``'s model (GPU if any)."""
-    model = load_stage_model(cfg, datasets, stage).to(_resolve_device(cfg.refine.train.device, distributed_info()))
+    model = load_stage_model(cfg, datasets, stage).to(resolve_device(cfg.refine.train.device, distributed_info()))
     metrics = evaluate_model(
         model, datasets.val, image_size=tuple(cfg.data.image_size), batch_size=cfg.eval.batch_size,
         top_k=cfg.eval.top_k, progress=progress, desc=f"evaluate {stage}",

@@ -133,32 +133,32 @@ _ENGINE_FAST = [  # the in-process engine tests (the SIGKILL and DDP subprocess 
 ]
 
 PIPELINE: dict[str, Mutation] = {
-    # ---- stages.Objective: which view enters the loss, with or without gradients
+    # ---- losses.Objective: which view enters the loss, with or without gradients
     "objective_labeled_anchor_is_strong_view": (
-        "reference_pipeline/stages.py", [("anchor_images = [labeled.weak.images]", "anchor_images = [labeled.strong.images]")],
+        "reference_pipeline/losses.py", [("anchor_images = [labeled.weak.images]", "anchor_images = [labeled.strong.images]")],
         _OBJECTIVE),
     "objective_pseudo_labeled_anchor_is_weak_view": (
-        "reference_pipeline/stages.py",
+        "reference_pipeline/losses.py",
         [("anchor_images.append(unlabeled.strong.images)", "anchor_images.append(unlabeled.weak.images)")], _OBJECTIVE),
     "pixel_target_is_the_anchor_view_again": (
-        "reference_pipeline/stages.py", [("target_images = [labeled.strong.images]", "target_images = [labeled.weak.images]")],
+        "reference_pipeline/losses.py", [("target_images = [labeled.strong.images]", "target_images = [labeled.weak.images]")],
         _OBJECTIVE),
     "pixel_target_forward_with_gradients": (
-        "reference_pipeline/stages.py",
+        "reference_pipeline/losses.py",
         [("with torch.no_grad():\n            target = core(", "with torch.enable_grad():\n            target = core(")],
         _OBJECTIVE),
     "pixel_geometries_swapped": (
-        "reference_pipeline/stages.py",
+        "reference_pipeline/losses.py",
         [("_cat_geometry(anchor_geometry, device),\n            _cat_geometry(target_geometry, device),",
           "_cat_geometry(target_geometry, device),\n            _cat_geometry(anchor_geometry, device),")], _OBJECTIVE),
     "pixel_ids_of_the_other_view": (
-        "reference_pipeline/stages.py", [("instance_ids = [labeled.weak_ids]", "instance_ids = [labeled.strong_ids]")],
+        "reference_pipeline/losses.py", [("instance_ids = [labeled.weak_ids]", "instance_ids = [labeled.strong_ids]")],
         _OBJECTIVE),
     "semi_targets_of_the_weak_view": (
-        "reference_pipeline/stages.py",
+        "reference_pipeline/losses.py",
         [('_to(unlabeled.targets("strong"), device)', '_to(unlabeled.targets("weak"), device)')], _OBJECTIVE),
     "objective_ignores_lambda_semi": (
-        "reference_pipeline/stages.py",
+        "reference_pipeline/losses.py",
         [("unified_objective(sup, semi, pxl, self.lambda_semi, self.lambda_pxl)",
           "unified_objective(sup, semi, pxl, 1.0, self.lambda_pxl)")], _OBJECTIVE),
     # ---- the stages: which teacher, which weights, which config block
@@ -198,10 +198,10 @@ PIPELINE: dict[str, Mutation] = {
         _TRAIN_STAGE),
     # ---- defaults and shipped configs
     "refine_default_keeps_the_pixel_term": (
-        "reference_pipeline/pipeline_config.py",
+        "reference_pipeline/config.py",
         [("_student_stage(2000, 0.0, 0.0)", "_student_stage(2000, 0.0, 0.2)")], _BUDGETS),
     "baseline_default_budget_of_distill_only": (
-        "reference_pipeline/pipeline_config.py",
+        "reference_pipeline/config.py",
         [("_student_stage(92000, 0.0, 0.0)", "_student_stage(90000, 0.0, 0.0)")], _BUDGETS),
     "ablation_baseline_budget_of_distill_only": (
         "configs/ablations.yaml", [("baseline.train.steps=150 ", "baseline.train.steps=120 ")], _BUDGETS),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from reference_pipeline import stages
+from reference_pipeline import losses, stages
 from reference_pipeline.ablate import (
     METRICS,
     RowSpec,
@@ -27,8 +27,7 @@ from reference_pipeline.ablate import (
     run_ablations,
     summarize,
 )
-from reference_pipeline.config import ConfigError
-from reference_pipeline.pipeline_config import load_pipeline_config
+from reference_pipeline.config import ConfigError, load_pipeline_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "ablations.yaml"
@@ -240,13 +239,13 @@ def test_interrupted_cell_resumes_from_its_last_checkpoint(
         (distill / name).unlink()
     (cell / "cell.json").unlink()
     calls = []
-    original = stages.Objective.__call__
+    original = losses.Objective.__call__
 
-    def counting(self: stages.Objective, model: torch.nn.Module, batch: object) -> object:
+    def counting(self: losses.Objective, model: torch.nn.Module, batch: object) -> object:
         calls.append(1)
         return original(self, model, batch)
 
-    monkeypatch.setattr(stages.Objective, "__call__", counting)
+    monkeypatch.setattr(losses.Objective, "__call__", counting)
     _run(root, data)
     assert len(calls) == 1  # only step 3 was trained again
     record = json.loads((cell / "cell.json").read_text())

@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 
 from reference_pipeline import stages
+from reference_pipeline.config import PipelineConfig
 from reference_pipeline.data.splits import labeled_count
-from reference_pipeline.pipeline_config import PipelineConfig
 
 TRAIN_IDS = [907, 13, 512, 77, 301, 45, 688, 2, 150, 999, 421, 60]
 VAL_IDS = [5000, 5001]

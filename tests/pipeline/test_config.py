@@ -10,12 +10,11 @@ import pytest
 
 from reference_pipeline.config import (
     ConfigError,
+    PipelineConfig,
     TrainConfig,
     config_from_dict,
     config_to_dict,
     load_config,
-    paper_student_config,
-    paper_teacher_config,
     save_config,
 )
 
@@ -131,8 +130,9 @@ def test_yaml_round_trip_gives_an_equal_config(tmp_path):
     assert not list(path.parent.glob(".*.tmp"))
 
 
-def test_paper_presets_hold_the_table_7_values():
-    teacher, student = paper_teacher_config(6000), paper_student_config(90000)
+def test_pipeline_defaults_hold_the_table_7_values():
+    cfg = PipelineConfig()
+    teacher, student = cfg.teacher_self_train.train, cfg.distill.train
     assert (teacher.lr_encoder, teacher.lr_decoder, teacher.batch_size, teacher.weight_decay) == (5e-5, 5e-5, 4, 0.01)
     assert teacher.scheduler == "multistep" and teacher.milestones == (0.9, 0.95) and teacher.grad_clip is None
     assert (student.lr_encoder, student.lr_decoder, student.batch_size, student.weight_decay) == (5e-5, 5e-4, 8, 0.05)

@@ -1,6 +1,6 @@
 """Which view of which image enters one step of ``J = L_sup + λ_semi·L_semi + λ_pxl·L_pxl``, with or without gradients.
 
-The spec (``stages.Objective``, paper Sec. 3): the *anchor* views — weak views of labeled images,
+The spec (``losses.Objective``, paper Sec. 3): the *anchor* views — weak views of labeled images,
 strong views of pseudo-labeled ones — go through the model with gradients; ``L_sup`` is the set
 criterion on the labeled anchors against the weak views' ground truth, ``L_semi`` on the
 pseudo-labeled anchors against the strong views' pseudo-labels. For ``L_pxl`` the *other* view of
@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from instcontrast import InstanceAwarePixelContrast
-from reference_pipeline import stages
+from reference_pipeline import losses
 
 _spec = importlib.util.spec_from_file_location("stage_stubs", Path(__file__).with_name("stage_stubs.py"))
 stubs = sys.modules.setdefault("stage_stubs", importlib.util.module_from_spec(_spec))
@@ -46,14 +46,14 @@ def pixel_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
         loss = PXL_VALUE + 0.0 * weak.pixel_embeddings.sum()
         return SimpleNamespace(loss=loss, stats=SimpleNamespace(margin=0.0, acceptance=1.0, fallbacks=0, fnr=None))
 
-    monkeypatch.setattr(stages, "pixel_contrast_term", recording)
+    monkeypatch.setattr(losses, "pixel_contrast_term", recording)
     return calls
 
 
-def _objective(lambda_semi: float, lambda_pxl: float) -> tuple[stages.Objective, Any]:
+def _objective(lambda_semi: float, lambda_pxl: float) -> tuple[losses.Objective, Any]:
     criterion = stubs.RecordingCriterion()
     contrast = InstanceAwarePixelContrast(num_negatives=4)
-    return stages.Objective(criterion, contrast, lambda_semi, lambda_pxl), criterion
+    return losses.Objective(criterion, contrast, lambda_semi, lambda_pxl), criterion
 
 
 def test_anchor_views_are_labeled_weak_and_pseudo_labeled_strong_with_gradients(pixel_calls) -> None:

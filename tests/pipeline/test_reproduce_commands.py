@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from paper_standins import build_standins
+
 from reference_pipeline.cli import main
 
 REPO = Path(__file__).resolve().parents[2]

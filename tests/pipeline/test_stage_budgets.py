@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 
 from reference_pipeline.ablate import load_ablation_config
-from reference_pipeline.cli import QUICK_OVERRIDES
-from reference_pipeline.pipeline_config import PipelineConfig, load_pipeline_config
+from reference_pipeline.config import QUICK_OVERRIDES, PipelineConfig, load_pipeline_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 ABLATIONS = CONFIGS / "ablations.yaml"

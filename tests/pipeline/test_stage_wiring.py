@@ -27,7 +27,7 @@ import pytest
 
 from reference_pipeline import stages
 from reference_pipeline.checkpoint import save_weights
-from reference_pipeline.pipeline_config import PipelineConfig
+from reference_pipeline.config import PipelineConfig
 
 _spec = importlib.util.spec_from_file_location("stage_stubs", Path(__file__).with_name("stage_stubs.py"))
 stubs = sys.modules.setdefault("stage_stubs", importlib.util.module_from_spec(_spec))

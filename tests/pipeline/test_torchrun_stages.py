@@ -17,9 +17,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
-
 from paper_standins import write_cityscapes
+from torch import nn
 
 TIMEOUT_S = 3.0
 
@@ -48,8 +47,8 @@ def _worker(rank: int, root: str, port: int, results: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=TIMEOUT_S))
     try:
+        from reference_pipeline.config import load_pipeline_config
         from reference_pipeline.data import CityscapesInstanceDataset
-        from reference_pipeline.pipeline_config import load_pipeline_config
         from reference_pipeline.stages import Datasets, make_pseudo_labels
 
         cfg = load_pipeline_config(None, ["data.format=cityscapes", "data.image_size=[64,128]", "eval.batch_size=2"])

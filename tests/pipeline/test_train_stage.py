@@ -21,11 +21,10 @@ import pytest
 from safetensors.torch import load_file
 
 from reference_pipeline import stages
-from reference_pipeline.config import TrainConfig
+from reference_pipeline.config import PipelineConfig, StageConfig, TrainConfig
 from reference_pipeline.data.semi import PseudoInstances
 from reference_pipeline.data.synthetic import load_synthetic_split
 from reference_pipeline.engine import TrainResult
-from reference_pipeline.pipeline_config import PipelineConfig, StageConfig
 
 _spec = importlib.util.spec_from_file_location("stage_stubs", Path(__file__).with_name("stage_stubs.py"))
 stubs = sys.modules.setdefault("stage_stubs", importlib.util.module_from_spec(_spec))
