@@ -85,11 +85,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batch_size = cfg.distill.train.batch_size
     num_classes = len(datasets.class_names)
     student = stages.build_student(cfg, num_classes).train()
-    dim, _ = stages._embedding_dim(student, torch.zeros(1, 3, *cfg.data.image_size))
     criterion = SetCriterion(num_classes, replace(cfg.criterion, mask_stride=stages.mask_stride_of(student)))
     objectives = {
         "without L_pxl": Objective(criterion, None, cfg.distill.lambda_semi, 0.0),
-        "with L_pxl": Objective(criterion, stages.build_contrast(cfg.contrast, dim), cfg.distill.lambda_semi,
+        "with L_pxl": Objective(criterion, stages.build_contrast(cfg.contrast), cfg.distill.lambda_semi,
                                        cfg.distill.lambda_pxl),
     }
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)

@@ -11,7 +11,8 @@
     Triton for CUDA tensors when CUDA is present and the kernels import (checked once, here), and
     deterministic algorithms are off; ``chunked`` otherwise. Never raises.
 
-The environment variable ``INSTCONTRAST_BACKEND`` overrides the requested name.
+The environment variable ``INSTCONTRAST_BACKEND`` chooses the backend where the code does not
+(``backend=None``, the default); an explicit ``backend=`` argument wins over it.
 """
 
 from __future__ import annotations
@@ -103,12 +104,13 @@ def _triton_op() -> LogSumExpOp:
     return sampled_logsumexp_triton
 
 
-def resolve_backend(requested: str = "auto") -> Backend:
+def resolve_backend(requested: str | None = None) -> Backend:
     """Resolve a backend name once; an explicit request that cannot be met raises.
 
     Args:
-        requested: one of ``"auto"``, ``"reference"``, ``"chunked"``, ``"triton"``. The
-            environment variable ``INSTCONTRAST_BACKEND``, when set, takes precedence.
+        requested: one of ``"auto"``, ``"reference"``, ``"chunked"``, ``"triton"``, or ``None``: the
+            environment variable ``INSTCONTRAST_BACKEND`` when set, else ``"auto"``. An explicit name
+            wins over the environment variable.
 
     Returns:
         The resolved :class:`Backend`.
@@ -118,8 +120,8 @@ def resolve_backend(requested: str = "auto") -> Backend:
         ImportError: for ``"triton"`` when Triton cannot be imported, with the install hint.
         ValueError: for ``"triton"`` without a CUDA device (unless ``TRITON_INTERPRET`` is on).
     """
-    override = os.environ.get(ENV_VARIABLE, "").strip()
-    name = override or requested
+    override = os.environ.get(ENV_VARIABLE, "").strip() if requested is None else ""
+    name = requested if requested is not None else (override or "auto")
     if name not in BACKENDS:
         source = f"environment variable {ENV_VARIABLE}" if override else "backend"
         raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")

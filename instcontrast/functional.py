@@ -133,7 +133,7 @@ def transform_score(linear_score: Tensor, score: str) -> Tensor:
     return linear_score
 
 
-def _resolve(backend: str | Backend) -> Backend:
+def _resolve(backend: str | Backend | None) -> Backend:
     return backend if isinstance(backend, Backend) else resolve_backend(backend)
 
 
@@ -187,7 +187,7 @@ def pixel_info_nce(
     negatives: Tensor | CandidateBlocks,
     temperature: float = 0.2,
     reduction: str = "mean",
-    backend: str | Backend = "auto",
+    backend: str | Backend | None = None,
 ) -> Tensor:
     r"""Pixel InfoNCE (NT-Xent) over sampled negatives.
 

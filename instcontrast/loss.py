@@ -132,7 +132,9 @@ class InstanceAwarePixelContrast(nn.Module):
         margin: hinge margin :math:`m` (paper: 0.2).
         memory_bank: a :class:`~instcontrast.memory_bank.PixelMemoryBank` adding candidates;
             updated after each training-mode call.
-        backend: ``"auto"``, ``"reference"``, ``"chunked"`` or ``"triton"``; decided once here.
+        backend: ``"auto"``, ``"reference"``, ``"chunked"`` or ``"triton"``; decided once here. ``None``
+            (default): the environment variable ``INSTCONTRAST_BACKEND`` if set, else ``"auto"``; an
+            explicit name wins over the variable.
         detach_strong: stop gradients through the strong (target) branch (default, asymmetric).
         max_anchors: keep at most this many randomly chosen valid anchors per call (whole batch,
             this rank); ``None`` uses all.
@@ -185,7 +187,7 @@ class InstanceAwarePixelContrast(nn.Module):
         loss: str = "infonce",
         margin: float = 0.2,
         memory_bank: PixelMemoryBank | None = None,
-        backend: str = "auto",
+        backend: str | None = None,
         detach_strong: bool = True,
         max_anchors: int | None = None,
         gather_distributed: bool = False,

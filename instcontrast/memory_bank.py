@@ -24,8 +24,11 @@ class PixelMemoryBank(nn.Module):
     """FIFO memory of ``(z, ŷ)`` pairs used as extra negative candidates.
 
     Args:
-        embedding_dim: ``D`` of the (normalized) embeddings it stores.
-        prob_dim: ``E`` of the fused probability vectors (``K + C + 1`` for ``"fusion"``).
+        embedding_dim: ``D`` of the (normalized) embeddings it stores; ``None`` (the default) takes it
+            from the first batch the loss shows the bank.
+        prob_dim: ``E`` of the fused probability vectors (``K + C + 1`` for ``"fusion"``, also stored
+            for ``"uniform"``; ``K`` for ``"mask"``, ``C + 1`` for ``"class"``); ``None`` (the default)
+            takes it from the first batch, so no caller has to work it out.
         size: capacity in pixels (default 10 000, as in the paper).
         pixels_per_step: how many pixels (a random subset) one :meth:`enqueue` writes per rank;
             ``None`` writes all it is given.
@@ -43,23 +46,26 @@ class PixelMemoryBank(nn.Module):
 
     def __init__(
         self,
-        embedding_dim: int,
-        prob_dim: int,
+        embedding_dim: int | None = None,
+        prob_dim: int | None = None,
         size: int = 10_000,
         pixels_per_step: int | None = 1024,
         warmup: str = "immediate",
     ) -> None:
         super().__init__()
-        check_positive("embedding_dim", embedding_dim, integer=True)
-        check_positive("prob_dim", prob_dim, integer=True)
+        if embedding_dim is not None:
+            check_positive("embedding_dim", embedding_dim, integer=True)
+        if prob_dim is not None:
+            check_positive("prob_dim", prob_dim, integer=True)
         check_positive("size", size, integer=True)
         if pixels_per_step is not None:
             check_positive("pixels_per_step", pixels_per_step, integer=True)
         self.size = size
         self.pixels_per_step = pixels_per_step
         self.warmup = check_choice("warmup", warmup, WARMUPS)
-        self.register_buffer("embeddings", torch.zeros(size, embedding_dim))
-        self.register_buffer("probs", torch.zeros(size, prob_dim))
+        self._fixed_dims = (embedding_dim, prob_dim)  # None: sized by the first batch (or a loaded state)
+        self.register_buffer("embeddings", torch.zeros(size, embedding_dim or 0))
+        self.register_buffer("probs", torch.zeros(size, prob_dim or 0))
         self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
 
@@ -79,8 +85,32 @@ class PixelMemoryBank(nn.Module):
             f"pixels_per_step={self.pixels_per_step}, warmup={self.warmup!r}"
         )
 
+    @property
+    def is_sized(self) -> bool:
+        """Whether ``(D, E)`` are known (given, or taken from a first batch or a loaded state)."""
+        return self.embeddings.shape[1] > 0 and self.probs.shape[1] > 0
+
+    def _size(self, embedding_dim: int, prob_dim: int) -> None:
+        """Allocate the ring for ``(D, E)`` (an empty bank only), keeping device and dtype."""
+        self.embeddings = torch.zeros(self.size, embedding_dim, device=self.embeddings.device, dtype=self.embeddings.dtype)
+        self.probs = torch.zeros(self.size, prob_dim, device=self.probs.device, dtype=self.probs.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:  # type: ignore[no-untyped-def]
+        """A bank built without dims takes them from the state it loads (resuming a run)."""
+        stored_z, stored_p = state_dict.get(prefix + "embeddings"), state_dict.get(prefix + "probs")
+        if not self.is_sized and stored_z is not None and stored_p is not None and stored_z.ndim == stored_p.ndim == 2:
+            dims = (stored_z.shape[1], stored_p.shape[1])
+            if all(fixed is None or fixed == dim for fixed, dim in zip(self._fixed_dims, dims)):
+                self._size(*dims)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def check_dims(self, embedding_dim: int, prob_dim: int | None) -> None:
-        """Raise ``ValueError`` unless inputs match the bank's ``(D, E)``."""
+        """Raise ``ValueError`` unless inputs match the bank's ``(D, E)``; a bank without dims takes these."""
+        if not self.is_sized and prob_dim is not None:
+            fixed_z, fixed_p = self._fixed_dims
+            self._size(fixed_z or embedding_dim, fixed_p or prob_dim)
         if embedding_dim != self.embedding_dim or (prob_dim is not None and prob_dim != self.prob_dim):
             raise ValueError(
                 f"this memory bank stores (D, E) = ({self.embedding_dim}, {self.prob_dim}) but got embeddings "

@@ -15,7 +15,7 @@ Expensive prefixes are shared instead of recomputed:
   per-seed cache :func:`~reference_pipeline.stages.demo_teacher_cache` looks in;
 * teacher adaptation runs once per ``(seed, teacher-affecting settings)`` in
   ``<root>/_shared/teachers/<digest>/``; a cell links that teacher's weights and pseudo-labels into its own
-  ``teacher_adapted/model.safetensors`` and ``pseudo_labels_adapted.json`` before
+  ``teacher_self_train/model.safetensors`` and ``pseudo_labels_teacher_self_train.json`` before
   :func:`~reference_pipeline.stages.distill` (which then reads them as it does in the demo);
 * cells with identical effective settings (the default rows of several tables) are run once; the
   others copy its ``cell.json`` (``reused_from`` names the source).
@@ -88,14 +88,14 @@ TeacherSource = Literal["adapted", "finetuned", "zero_shot", "none"]
 
 #: Student stages a row can run, and the folder each writes under the cell's run directory.
 STUDENT_STAGES: dict[str, str] = {
-    "distill": "student_distill",
-    "refine": "student_refine",
-    "supervised": "student_supervised",
+    "distill": "distill",
+    "refine": "refine",
+    "supervised": "baseline",
 }
 
 #: Teacher sources and the evaluable stage whose weights / metrics they are.
 TEACHER_STAGES: dict[str, str] = {
-    "adapted": "teacher_adapted",
+    "adapted": "teacher_self_train",
     "finetuned": "teacher_finetune",
     "zero_shot": "teacher_zero_shot",
 }
@@ -503,11 +503,11 @@ def _prepare_teacher(ctx: _Context, cfg: PipelineConfig, source: str, base_seed:
         results = stages.adapt_teacher(cfg, datasets, resume=True, progress=False)
         weights = folder / stage / stages.WEIGHTS_FILE
         if source == "finetuned":
-            pseudo = folder / "pseudo_labels_finetuned.json"  # written by adapt_teacher from the fine-tuned teacher
+            pseudo = folder / "pseudo_labels_teacher_finetune.json"  # written by adapt_teacher from the fine-tuned teacher
         else:
-            pseudo = folder / "pseudo_labels_adapted.json"
+            pseudo = folder / "pseudo_labels_teacher_self_train.json"
             if not pseudo.is_file():
-                teacher = stages.load_stage_model(cfg, datasets, "teacher_adapted")
+                teacher = stages.load_stage_model(cfg, datasets, "teacher_self_train")
                 stages.make_pseudo_labels(teacher, cfg, datasets, pseudo, progress=False)
         atomic_write_json(folder / "timings.json", {r.name: r.wall_time for r in results}, indent=2)
     evaluation_file = folder / f"evaluation_{source}.json"
@@ -562,8 +562,8 @@ def run_cell(ctx: _Context, cell: CellSpec, *, status: tqdm | None = None) -> di
     folder.mkdir(parents=True, exist_ok=True)
     datasets = ctx.load_datasets(cfg)
     if teacher is not None:
-        link_or_copy(teacher.weights, folder / "teacher_adapted" / stages.WEIGHTS_FILE)
-        link_or_copy(teacher.pseudo, folder / "pseudo_labels_adapted.json")
+        link_or_copy(teacher.weights, folder / "teacher_self_train" / stages.WEIGHTS_FILE)
+        link_or_copy(teacher.pseudo, folder / "pseudo_labels_teacher_self_train.json")
         atomic_write_json(folder / "distill_teacher.json", {"source": cell.row.teacher, "from": str(teacher.weights)}, indent=2)
     torch.manual_seed(cfg.seed)  # the student's initialisation depends on the cell's seed only
     functions = {"distill": stages.distill, "refine": stages.refine, "supervised": stages.supervised_baseline}

@@ -42,6 +42,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from .atomic import atomic_path, fsync_dir, fsync_file
+from .errors import UserError
 
 __all__ = [
     "POINTER_NAME",
@@ -72,7 +73,7 @@ POINTER_NAME = "latest"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """Base class of checkpoint errors (messages name the file involved)."""
 
 

@@ -2,17 +2,25 @@
 
 Commands (each reads the run directory the previous ones wrote, so they can run one by one):
 
-* ``demo`` — the whole method on the built-in dataset: teacher pretraining (cached), zero-shot
-  evaluation, the three stages, a supervised-only baseline, and ``report.md`` with plots.
+* ``run`` — the whole method on any config: the teacher (pretrained first if it is a pipeline model),
+  its zero-shot evaluation, ``adapt-teacher``, ``distill``, ``refine``, the supervised-only ``baseline``,
+  each evaluated, and ``report.md`` with plots.
+* ``demo`` — ``run`` on ``configs/demo.yaml`` (the built-in dataset).
+* ``show-config`` — print the fully resolved config (defaults + file + ``--set``) as YAML.
 * ``adapt-teacher``, ``distill``, ``refine``, ``baseline`` — one stage each.
 * ``evaluate`` — mask AP of the trained models on the validation split.
 * ``predict`` — a trained model on a folder of images: overlays + COCO-format results JSON.
-* ``export`` — the trained student to ONNX, checked against PyTorch with onnxruntime.
+* ``export`` — a trained student to ONNX, checked against PyTorch with onnxruntime.
 * ``compare-sampling`` — the sampling strategies on fixed predictions (FNR, margins, plots).
 * ``ablate`` — the paper's ablations at small scale (see ``configs/ablations.yaml``).
 
-Errors a user can fix (missing files, bad config keys, unreadable images) are printed as one
-message, without a traceback; ``--debug`` shows the traceback.
+Every command continues what its run directory holds: finished stages are skipped and an interrupted
+one continues exactly where it stopped. ``--no-resume`` recomputes instead: the outputs of what the
+command runs are removed first (the same meaning for every command, ``ablate`` included).
+
+Errors a user can fix (:class:`~reference_pipeline.errors.UserError`: bad config keys, missing files,
+a run directory holding another run, unreadable images) are printed as one line without a traceback;
+``--debug`` shows the traceback. Any other error keeps its traceback.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from .config import STAGES
 
 __all__ = ["build_parser", "main"]
 
@@ -37,11 +47,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         help="override a config value, e.g. --set distill.train.steps=200 (repeatable; nested keys with dots)",
     )
     parser.add_argument("--run-dir", help="shortcut for --set run_dir=PATH")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the run directory's checkpoints (the default: finished stages are skipped, "
-                             "an interrupted one continues exactly where it stopped)")
     parser.add_argument("--no-resume", action="store_true",
-                        help="refuse to reuse a run directory's checkpoints (fails instead of overwriting them)")
+                        help="recompute: remove the outputs of what this command runs first (default: continue the run "
+                             "directory, skipping finished stages and resuming an interrupted one)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds per stage): a smoke test")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -55,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     helps = {
-        "demo": "the whole method end to end on the built-in dataset, with report.md",
+        "run": "the whole method on --config: teacher, zero-shot eval, the three stages, baseline, report.md",
+        "demo": "`run` on configs/demo.yaml (the built-in dataset)",
+        "show-config": "print the fully resolved config (defaults + --config + --set) as YAML",
         "adapt-teacher": "stage 1: fine-tune, pseudo-label, self-train the teacher",
         "distill": "stage 2: distill the adapted teacher into the student",
         "refine": "stage 3: fine-tune the student on labeled data",
@@ -72,16 +82,23 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("args", nargs=argparse.REMAINDER, help="arguments of examples/compare_sampling.py")
             continue
         _add_common(sub)
+        stage_names = [s.name for s in STAGES]
         if name == "evaluate":
-            sub.add_argument("--stage", action="append", help="stage(s) to evaluate (default: all trained)")
+            sub.add_argument("--stage", action="append", choices=stage_names,
+                             help="stage(s) to evaluate (repeatable; default: every trained one)")
         if name == "predict":
             sub.add_argument("images", help="folder of images")
             sub.add_argument("--out", required=True, help="output folder (overlays + results.json)")
-            sub.add_argument("--stage", default="student_refine", help="which trained model (default: student_refine)")
+            sub.add_argument("--stage", default="refine", choices=stage_names, help="which trained model (default: refine)")
+            sub.add_argument("--model", help="a trained model's folder (model.safetensors + config.json) instead of "
+                                             "--stage; needs no config or dataset")
+            sub.add_argument("--annotations", help="COCO JSON holding these images: results take its image ids")
             sub.add_argument("--score-threshold", type=float, default=0.5, help="draw predictions above this score")
         if name == "export":
-            sub.add_argument("--stage", default="student_refine", help="which trained student (default: student_refine)")
-            sub.add_argument("--out", help="ONNX file (default: <run_dir>/student.onnx)")
+            sub.add_argument("--stage", default="refine", choices=[s.name for s in STAGES if s.model == "student"],
+                             help="which trained student (default: refine)")
+            sub.add_argument("--model", help="a trained student's folder instead of --stage; needs no config or dataset")
+            sub.add_argument("--out", help="ONNX file (default: <run_dir>/student.onnx, or <model>/model.onnx)")
         if name == "ablate":
             sub.add_argument("--only", action="append", help="tables to run, e.g. --only table4 (repeatable)")
             sub.add_argument("--seeds", type=int, help="seeds per cell (default from the ablation config)")
@@ -111,12 +128,20 @@ def _default_config() -> str:
     return str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
 
 
-def _cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+def _cmd_run(args: argparse.Namespace) -> None:
+    from .run import run_method
 
     cfg = _load(args)
-    report = run_demo(cfg, resume=not args.no_resume, progress=not args.no_progress)
+    report = run_method(cfg, resume=not args.no_resume, progress=not args.no_progress)
     print(f"report: {report}")
+
+
+def _cmd_show_config(args: argparse.Namespace) -> None:
+    import yaml
+
+    from .config import config_to_dict
+
+    print(yaml.safe_dump(config_to_dict(_load(args)), sort_keys=False), end="")
 
 
 def _stage_command(name: str) -> Callable[[argparse.Namespace], None]:
@@ -185,7 +210,9 @@ def _cmd_ablate(args: argparse.Namespace) -> None:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
-    "demo": _cmd_demo,
+    "run": _cmd_run,
+    "demo": _cmd_run,  # with configs/demo.yaml, the default --config
+    "show-config": _cmd_show_config,
     "adapt-teacher": _stage_command("adapt-teacher"),
     "distill": _stage_command("distill"),
     "refine": _stage_command("refine"),
@@ -202,9 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; returns the process exit code (2 for a user error, printed without a traceback)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
     from .engine import cleanup_distributed, init_distributed
+    from .errors import UserError
 
     info = None
     try:
@@ -214,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             import torch.distributed as dist
 
             dist.barrier()  # every rank finished: tear the group down together
-    except (ConfigError, FileNotFoundError, NotADirectoryError, PermissionError, CheckpointError, ValueError, OSError) as error:
+    except (UserError, FileNotFoundError, NotADirectoryError, PermissionError) as error:
         if getattr(args, "debug", False):
             raise
         _report(f"error{_rank_tag(info)}: {error}", info)

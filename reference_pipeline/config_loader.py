@@ -28,6 +28,7 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 
 from .atomic import atomic_write_text
+from .errors import UserError
 
 __all__ = ["ConfigError", "apply_overrides", "config_from_dict", "config_to_dict", "load_config", "save_config"]
 
@@ -36,7 +37,7 @@ ConfigT = TypeVar("ConfigT")
 _NULL_WORDS = {"null", "~", "none", "None", "NULL", ""}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration file or override is invalid (the message names the key and what was expected)."""
 
 

@@ -76,7 +76,7 @@ def export_model(model: nn.Module, image_size: tuple[int, int], path: Path, *, o
     return ExportResult(path, diff, ("mask_logits", "class_logits"))
 
 
-def export_onnx(cfg: PipelineConfig, *, stage: str = "student_refine", path: Path) -> ExportResult:
+def export_onnx(cfg: PipelineConfig, *, stage: str = "refine", path: Path) -> ExportResult:
     """Export the trained student of ``stage`` from the run directory (see :func:`export_model`)."""
     from . import stages
 

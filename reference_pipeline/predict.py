@@ -48,7 +48,7 @@ class ImageFolder:
 
 
 def predict_folder(
-    cfg: PipelineConfig, images: Path, out: Path, *, stage: str = "student_refine", score_threshold: float = 0.5,
+    cfg: PipelineConfig, images: Path, out: Path, *, stage: str = "refine", score_threshold: float = 0.5,
     progress: bool = True,
 ) -> Path:
     """Run ``stage``'s trained model on every image of ``images``; write ``out/results.json`` and overlays.

@@ -20,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .atomic import atomic_write_text
-from .config import PipelineConfig
+from .config import STAGES, PipelineConfig
 from .data.structures import InstanceSample
 from .engine import read_metrics
 from .evaluate import InstancePredictions, postprocess_mask2former
@@ -28,18 +28,11 @@ from .visualize import OverlayPanel, panel_from_predictions, panel_from_sample, 
 
 __all__ = ["STAGE_LABELS", "OrderCheck", "order_verdict", "paper_order_checks", "seed_values", "write_report"]
 
-#: Row label and what each evaluated model is.
-STAGE_LABELS: dict[str, tuple[str, str]] = {
-    "teacher_zero_shot": ("zero-shot teacher", "pretrained teacher, no target-domain training"),
-    "teacher_finetune": ("fine-tuned teacher", "stage 1a: teacher fine-tuned on the labeled split"),
-    "teacher_adapted": ("adapted teacher", "stage 1: re-initialised, self-trained on labeled + pseudo-labeled"),
-    "student_distill": ("distilled student", "stage 2: student, supervised + pseudo-label + contrastive"),
-    "student_refine": ("refined student", "stage 3: distilled student fine-tuned on labeled data"),
-    "student_supervised": ("supervised-only student", "baseline: student on labeled data only, same budget"),
-}
+#: Row label and what each evaluated model is (from :data:`~reference_pipeline.config.STAGES`).
+STAGE_LABELS: dict[str, tuple[str, str]] = {s.name: (s.label, s.description) for s in STAGES}
 
 #: Training stages whose curves are plotted, in pipeline order.
-TRAINED_STAGES = ("teacher_finetune", "teacher_adapted", "student_distill", "student_refine", "student_supervised")
+TRAINED_STAGES = tuple(s.name for s in STAGES if s.name != "teacher_zero_shot")
 
 _NON_LOSS_KEYS = {"step", "lr", "lr_encoder", "lr_decoder", "data_time", "step_time", "images_per_s", "fnr", "margin",
                   "acceptance", "fallbacks", "epoch", "time", "kind", "wall_time", "grad_norm", "data_share"}
@@ -112,10 +105,10 @@ def order_verdict(left: Mapping[int, float], right: Mapping[int, float], *, stri
 def paper_order_checks(results: Mapping[str, Mapping[str, float]]) -> list[OrderCheck]:
     """The paper's Table 3 orderings, each judged by :func:`order_verdict` over the seeds that were run."""
     claims = [
-        ("refined student ≥ distilled student (− one seed std)", "student_refine", "student_distill", False),
-        ("distilled student > supervised-only student", "student_distill", "student_supervised", True),
-        ("refined student > supervised-only student", "student_refine", "student_supervised", True),
-        ("adapted teacher > zero-shot teacher", "teacher_adapted", "teacher_zero_shot", True),
+        ("refined student ≥ distilled student (− one seed std)", "refine", "distill", False),
+        ("distilled student > supervised-only student", "distill", "baseline", True),
+        ("refined student > supervised-only student", "refine", "baseline", True),
+        ("adapted teacher > zero-shot teacher", "teacher_self_train", "teacher_zero_shot", True),
     ]
     checks = []
     for claim, left, right, strict in claims:
@@ -218,12 +211,12 @@ def _overlays(cfg: PipelineConfig, path: Path) -> bool:
     from . import stages
     from .inference import predict_dataset
 
-    pseudo_file = cfg.run_path / "pseudo_labels_adapted.json"
-    if not pseudo_file.is_file() or not (cfg.run_path / "student_refine" / stages.WEIGHTS_FILE).is_file():
+    pseudo_file = cfg.run_path / "pseudo_labels_teacher_self_train.json"
+    if not pseudo_file.is_file() or not (cfg.run_path / "refine" / stages.WEIGHTS_FILE).is_file():
         return False
     datasets = stages.load_datasets(cfg, progress=False)
     pseudo = stages._read_pseudo(pseudo_file)
-    student = stages.load_stage_model(cfg, datasets, "student_refine")
+    student = stages.load_stage_model(cfg, datasets, "refine")
     count = min(cfg.eval.overlay_images, len(datasets.unlabeled))
     subset = stages._first(datasets.unlabeled, count)
     rows: list[list[OverlayPanel]] = []
@@ -310,7 +303,7 @@ def write_report(cfg: PipelineConfig, results: Mapping[str, Mapping[str, float]]
             f"{r['parameters'] / 1e6:.2f} M | {r['latency_s'] * 1000:.1f} ms | {r['wall_time']:.0f} s |"
         )
     lines += ["", "What each row is: " + "; ".join(f"**{label}** — {what}" for label, what in STAGE_LABELS.values()) + ".", ""]
-    seeds = max(len(seed_values(results, "student_distill")), 1)
+    seeds = max(len(seed_values(results, "distill")), 1)
     lines += ["## The paper's orderings (Table 3)", "",
               (f"Student rows ran with {seeds} seed(s) from the same adapted teacher and pseudo-labels; each ordering is "
                "judged on the per-seed differences: a strict ordering *holds* when the mean difference is at least twice "
@@ -340,11 +333,9 @@ def write_report(cfg: PipelineConfig, results: Mapping[str, Mapping[str, float]]
         lines += [("Unlabeled images: ground truth (never used for training), the adapted teacher's pseudo-labels, "
                   "and the refined student's predictions."), "", "![Overlays](overlays.png)", ""]
     lines += ["## Steps per stage", ""]
-    folders = {"teacher_finetune": "teacher_finetune", "teacher_self_train": "teacher_adapted",
-               "distill": "student_distill", "refine": "student_refine", "baseline": "student_supervised"}
     for stage in ("teacher_pretrain", "teacher_finetune", "teacher_self_train", "distill", "refine", "baseline"):
         stage_cfg = getattr(cfg, stage)
-        records = _train_records(read_metrics(run / folders.get(stage, "-") / "metrics.jsonl"))
+        records = _train_records(read_metrics(run / stage / "metrics.jsonl"))
         shares = [float(r["data_share"]) for r in records if "data_share" in r]
         timing = f"; data loading {np.mean(shares):.1%} of step time" if shares else ""
         lines.append(f"- `{stage}`: {stage_cfg.train.steps} steps × batch {stage_cfg.train.batch_size}, "

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -36,13 +37,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from instcontrast import InstanceAwarePixelContrast, PixelMemoryBank
 
 from .atomic import atomic_write_text
-from .checkpoint import check_writable, load_weights, save_weights
-from .config import ContrastConfig, PipelineConfig, StageConfig, TrainConfig
+from .checkpoint import check_writable, load_weights
+from .config import STAGES, ContrastConfig, PipelineConfig, StageConfig, TrainConfig, config_to_dict, save_config
+from .config import stage as stage_entry
 from .data import CityscapesInstanceDataset, CocoInstanceDataset, SubsetDataset, make_label_split
 from .data.ade20k import ADE20KInstanceDataset
 from .data.augment import StrongViewConfig, TwoViewTransform, WeakViewConfig
@@ -57,12 +59,14 @@ from .data.semi import (
 from .data.structures import InstanceDataset
 from .data.synthetic import GENERATOR_VERSION, SyntheticConfig, generate_dataset, load_synthetic_split
 from .engine import barrier, distributed_info, resolve_device, train
+from .errors import UserError
 from .evaluate import CocoMaskEvaluator
 from .inference import evaluate_model, predict_dataset
 from .losses import Objective, SetCriterion
 from .models.demo import DEMO_TEACHER_NAME
 from .models.student import Student, count_parameters
 from .pseudo_labels import pseudo_label
+from .trained import describe, save_trained
 
 __all__ = [
     "Datasets",
@@ -189,9 +193,10 @@ def build_teacher(cfg: PipelineConfig, class_names: Sequence[str]) -> nn.Module:
     return FoundationTeacher.from_pretrained_dirs(replace(cfg.foundation_teacher, class_names=tuple(class_names)))
 
 
-def build_contrast(config: ContrastConfig, embedding_dim: int) -> InstanceAwarePixelContrast:
-    """The library's loss module for the pixel contrastive term."""
-    bank = PixelMemoryBank(config.memory_bank, embedding_dim) if config.memory_bank > 0 else None
+def build_contrast(config: ContrastConfig) -> InstanceAwarePixelContrast:
+    """The library's loss module for the pixel contrastive term (with a memory bank of ``config.memory_bank``
+    pixels when > 0; the bank takes its widths from the first batch, whatever the strategy)."""
+    bank = PixelMemoryBank(size=config.memory_bank) if config.memory_bank > 0 else None
     return InstanceAwarePixelContrast(
         temperature=config.temperature,
         num_negatives=config.num_negatives,
@@ -199,6 +204,7 @@ def build_contrast(config: ContrastConfig, embedding_dim: int) -> InstanceAwareP
         score=config.score,
         loss=config.loss,
         memory_bank=bank,
+        gather_distributed=config.gather_distributed,  # no effect without a process group
     )
 
 
@@ -222,18 +228,6 @@ class StageResult:
     final_logs: dict[str, float]
 
 
-def _prob_dim(strategy: str, num_queries: int, num_classes: int) -> int:
-    """Width of the fused probability rows the memory bank stores for ``strategy``."""
-    return {"fusion": num_queries + num_classes + 1, "mask": num_queries, "class": num_classes + 1}.get(strategy, 1)
-
-
-def _embedding_dim(model: nn.Module, images: Tensor) -> tuple[int, int]:
-    """(embedding dim, num queries) of a model, from one tiny forward pass."""
-    with torch.no_grad():
-        output = getattr(model, "module", model)(images)
-    return int(output.pixel_embeddings.shape[1]), int(output.mask_logits.shape[1])
-
-
 def train_stage(
     name: str,
     model: nn.Module,
@@ -248,7 +242,11 @@ def train_stage(
 ) -> StageResult:
     """Train ``model`` for one stage with the unified objective (one call of :func:`~reference_pipeline.engine.train`).
 
-    A stage whose ``model.safetensors`` exists is not re-run: its weights are loaded (``resume``).
+    A finished stage (its ``model.safetensors`` and ``result.json`` exist) is not re-run: its weights are
+    loaded; an interrupted one continues from its latest checkpoint. Either way the stage's folder must have
+    been made with the same settings (:func:`check_same_settings`). The folder gets ``run_config.yaml``
+    (the whole config the stage ran with) and, at the end, a self-describing model
+    (:func:`~reference_pipeline.trained.save_trained`: ``model.safetensors`` + ``config.json``).
 
     Args:
         name: folder under ``run_dir``.
@@ -257,18 +255,26 @@ def train_stage(
         stage: this stage's loop settings and loss weights.
         datasets: the run's splits.
         pseudo: pseudo-instances of the unlabeled images (``None``: labeled data only).
-        resume: continue from the stage's latest checkpoint / skip a finished stage.
+        resume: ``False`` removes the stage's folder first and trains it from scratch (``--no-resume``).
         progress: show progress bars.
         seed_offset: added to the seeds so different stages draw different augmentations.
     """
     run = cfg.run_path / name
     final = run / WEIGHTS_FILE
     result_file = run / "result.json"
-    if resume and final.is_file() and result_file.is_file():
+    info = distributed_info()
+    if not resume:  # --no-resume: this stage is recomputed from scratch
+        if info.is_main and run.exists():
+            shutil.rmtree(run)
+        barrier(info)
+    check_same_settings(cfg, name, run)
+    if final.is_file() and result_file.is_file():
         load_weights(model, final)
         data = json.loads(result_file.read_text())
         logger.info("stage %s already finished: loaded %s", name, final)
         return StageResult(name, final, data["wall_time"], data["steps"], data["final_logs"])
+    if info.is_main:
+        save_config(cfg, run / RUN_CONFIG_FILE)  # what this stage runs with; later stages compare against it
     seed = cfg.seed + seed_offset
     transform = view_transform(cfg)
     labeled = TwoViewDataset(datasets.labeled, transform, seed)
@@ -276,14 +282,7 @@ def train_stage(
     unlabeled = TwoViewDataset(PseudoLabeledDataset(datasets.unlabeled, pseudo), transform, seed + 1) if uses_unlabeled else None
     train_set = SemiSupervisedDataset(labeled, unlabeled)
     num_classes = len(datasets.class_names)
-    contrast = None
-    if stage.lambda_pxl > 0:
-        dim, queries = _embedding_dim(model, torch.zeros(1, 3, *cfg.data.image_size))
-        contrast = build_contrast(cfg.contrast, dim)
-        if cfg.contrast.memory_bank > 0:
-            contrast.memory_bank = PixelMemoryBank(
-                dim, _prob_dim(cfg.contrast.strategy, queries, num_classes), size=cfg.contrast.memory_bank
-            )
+    contrast = build_contrast(cfg.contrast) if stage.lambda_pxl > 0 else None
     criterion = SetCriterion(num_classes, replace(cfg.criterion, mask_stride=mask_stride_of(model, cfg.criterion.mask_stride)))
     objective = Objective(criterion, contrast, stage.lambda_semi, stage.lambda_pxl)
     train_config = _with_seed(stage.train, seed)
@@ -304,13 +303,87 @@ def train_stage(
     )
     logs = {k: float(v) for k, v in outcome.train_metrics.items() if isinstance(v, (int, float))}
     result = StageResult(name, final, float(outcome.wall_time), int(outcome.step), logs)
-    info = distributed_info()
     if info.is_main:  # one writer; the others wait so the next stage finds the weights
-        save_weights(getattr(model, "module", model), final)
+        card = describe(model, kind=_model_kind(cfg, name), stage=name, class_names=datasets.class_names,
+                        category_ids=getattr(datasets, "category_ids", None), image_size=cfg.data.image_size,
+                        top_k=cfg.eval.top_k)
+        save_trained(model, run, card)
         atomic_write_text(result_file, json.dumps({"wall_time": result.wall_time, "steps": result.steps,
                                                     "final_logs": result.final_logs}))
     barrier(info)
     return result
+
+
+RUN_CONFIG_FILE = "run_config.yaml"
+
+#: Settings that shape what a stage leaves behind (its weights, the pseudo-labels made with them): a run
+#: directory's stage is reused only by a command with the same values (``check_same_settings``).
+_TEACHER_SECTIONS = ("teacher_kind", "foundation_teacher", "demo_teacher", "teacher_pretrain")
+SETTINGS_OF: dict[str, tuple[str, ...]] = {
+    "teacher_finetune": ("data", *_TEACHER_SECTIONS, "criterion", "contrast", "teacher_finetune"),
+}
+SETTINGS_OF["teacher_self_train"] = (*SETTINGS_OF["teacher_finetune"], "pseudo_labels", "teacher_self_train")
+SETTINGS_OF["distill"] = (*SETTINGS_OF["teacher_self_train"], "student", "distill")
+SETTINGS_OF["refine"] = (*SETTINGS_OF["distill"], "refine")
+SETTINGS_OF["baseline"] = ("data", "student", "criterion", "baseline")
+
+#: Settings that change how a stage runs or is watched, not what it learns.
+_NOT_SHAPING = {"max_val_images", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "num_workers",
+                "device", "latency_repeats", "overlay_images"}
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        flat: dict[str, Any] = {}
+        for key, value in data.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: data}
+
+
+def check_same_settings(cfg: PipelineConfig, stage: str, folder: Path, *, upstream: bool = False) -> None:
+    """Stop if ``folder`` (a stage of this run directory) was made with settings that contradict ``cfg``.
+
+    For the stage's own folder (resuming it) the sections in :data:`SETTINGS_OF` ``[stage]`` and the seed
+    are compared with the ``run_config.yaml`` the stage wrote; for an earlier stage whose weights this
+    command reads (``upstream``), only what makes them that model: the data and the teacher (teacher
+    stages) or the data and the student's architecture (student stages) — a student may be trained
+    with other loss settings or seeds from the same teacher. Nothing to compare when the folder holds
+    no such file (a fresh stage, or weights linked from elsewhere).
+
+    Raises:
+        UserError: naming every differing key with both values, and what to do.
+    """
+    saved_file = folder / RUN_CONFIG_FILE
+    if stage not in SETTINGS_OF or not saved_file.is_file():
+        return
+    import yaml
+
+    saved = yaml.safe_load(saved_file.read_text()) or {}
+    current = config_to_dict(cfg)
+    if upstream:
+        sections = ("data", *_TEACHER_SECTIONS) if stage.startswith("teacher") else ("data", "student")
+    else:
+        sections = (*SETTINGS_OF[stage], "seed")
+    before = {k: v for k, v in _flatten({s: saved.get(s) for s in sections}).items()
+              if k.rsplit(".", 1)[-1] not in _NOT_SHAPING}
+    now = {k: v for k, v in _flatten({s: current.get(s) for s in sections}).items()
+           if k.rsplit(".", 1)[-1] not in _NOT_SHAPING}
+    changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
+               if before.get(k) != now.get(k)]
+    if changed:
+        shown = "; ".join(changed[:6]) + (f"; ... ({len(changed)} in all)" if len(changed) > 6 else "")
+        raise UserError(
+            f"{folder} was made with other settings than this command's ({shown}). Use another run directory "
+            f"(--run-dir), or recompute with --no-resume."
+        )
+
+
+def _model_kind(cfg: PipelineConfig, stage: str) -> str:
+    """The :class:`~reference_pipeline.trained.ModelCard` kind of ``stage``'s model."""
+    if EVALUABLE.get(stage) == "student":
+        return "student"
+    return "pipeline" if cfg.teacher_kind in ("demo", "pipeline") else cfg.teacher_kind
 
 
 def mask_stride_of(model: nn.Module, default: int | None = 4) -> int | None:
@@ -324,7 +397,8 @@ def _with_seed(train_config: TrainConfig, seed: int) -> TrainConfig:
 
 # ---------------------------------------------------------------------------------- pseudo-labels
 def make_pseudo_labels(
-    teacher: nn.Module, cfg: PipelineConfig, datasets: Datasets, path: Path, *, progress: bool = True
+    teacher: nn.Module, cfg: PipelineConfig, datasets: Datasets, path: Path, *, resume: bool = True,
+    progress: bool = True,
 ) -> dict[int, PseudoInstances]:
     """Pseudo-label the unlabeled split with ``teacher`` (cached in ``path`` as COCO-style RLE JSON).
 
@@ -332,6 +406,10 @@ def make_pseudo_labels(
     ground truth (the synthetic dataset keeps it for diagnostics), the pseudo-labels' mask AP.
     """
     info = distributed_info()
+    if not resume:  # --no-resume: label again
+        if info.is_main:
+            path.unlink(missing_ok=True)
+        barrier(info)
     if not path.is_file() and not info.is_main:
         # rank 0 labels the unlabeled split (hours at full scale: longer than a collective's timeout, so the
         # others watch for its file instead of waiting in a barrier), then they read it
@@ -412,9 +490,13 @@ def _stage_path(cfg: PipelineConfig, name: str) -> Path:
     return cfg.run_path / name / WEIGHTS_FILE
 
 
-def _require(path: Path, produced_by: str) -> Path:
+def _require(cfg: PipelineConfig, stage: str) -> Path:
+    """The weights of an earlier ``stage`` of this run directory, made with settings that agree with ``cfg``."""
+    path = _stage_path(cfg, stage)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `python -m reference_pipeline {produced_by}` first (same --config)")
+        command = stage_entry(stage).command
+        raise FileNotFoundError(f"{path} not found: run `python -m reference_pipeline {command}` first (same --config)")
+    check_same_settings(cfg, stage, path.parent, upstream=True)
     return path
 
 
@@ -470,16 +552,17 @@ def _at_run_dir(cfg: PipelineConfig, run_dir: Path) -> PipelineConfig:
 def adapt_teacher(cfg: PipelineConfig, datasets: Datasets, *, resume: bool = True, progress: bool = True) -> list[StageResult]:
     """Stage 1: fine-tune on ``Dˡ``, pseudo-label ``Dᵘ``, re-initialise and self-train on ``Dˡ ∪ Dᵘ``.
 
-    Writes ``teacher_finetune/``, ``pseudo_labels_finetuned.json`` and ``teacher_adapted/``.
+    Writes ``teacher_finetune/``, ``pseudo_labels_teacher_finetune.json`` and ``teacher_self_train/``.
     """
     check_writable(cfg.run_path)
     teacher, _ = pretrained_teacher(cfg, datasets, progress=progress)
     initial = {k: v.clone() for k, v in teacher.state_dict().items()}
     finetune = train_stage("teacher_finetune", teacher, cfg, cfg.teacher_finetune, datasets, resume=resume,
                            progress=progress, seed_offset=1)
-    pseudo = make_pseudo_labels(teacher, cfg, datasets, cfg.run_path / "pseudo_labels_finetuned.json", progress=progress)
+    pseudo = make_pseudo_labels(teacher, cfg, datasets, cfg.run_path / "pseudo_labels_teacher_finetune.json",
+                                resume=resume, progress=progress)
     teacher.load_state_dict(initial)  # re-initialise from the pretrained teacher (paper Sec. 3.3)
-    adapted = train_stage("teacher_adapted", teacher, cfg, cfg.teacher_self_train, datasets, pseudo=pseudo,
+    adapted = train_stage("teacher_self_train", teacher, cfg, cfg.teacher_self_train, datasets, pseudo=pseudo,
                           resume=resume, progress=progress, seed_offset=2)
     return [finetune, adapted]
 
@@ -491,26 +574,27 @@ def distill(cfg: PipelineConfig, datasets: Datasets, *, resume: bool = True, pro
     student's pretrained weights, a writable run directory), not after hours of pseudo-labelling.
     """
     check_writable(cfg.run_path)
-    adapted = _require(_stage_path(cfg, "teacher_adapted"), "adapt-teacher")
+    adapted = _require(cfg, "teacher_self_train")
     student = build_student(cfg, len(datasets.class_names))  # reads student.encoder_weights
     teacher = build_teacher(cfg, datasets.class_names)
     load_weights(teacher, adapted)
     teacher.requires_grad_(False).to(resolve_device(cfg.distill.train.device, distributed_info()))  # label on the GPU
-    pseudo = make_pseudo_labels(teacher, cfg, datasets, cfg.run_path / "pseudo_labels_adapted.json", progress=progress)
+    pseudo = make_pseudo_labels(teacher, cfg, datasets, cfg.run_path / "pseudo_labels_teacher_self_train.json",
+                                resume=resume, progress=progress)
     del teacher
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the student trains in the teacher's memory
-    return train_stage("student_distill", student, cfg, cfg.distill, datasets, pseudo=pseudo, resume=resume,
+    return train_stage("distill", student, cfg, cfg.distill, datasets, pseudo=pseudo, resume=resume,
                        progress=progress, seed_offset=3)
 
 
 def refine(cfg: PipelineConfig, datasets: Datasets, *, resume: bool = True, progress: bool = True) -> StageResult:
     """Stage 3: fine-tune the distilled student on ``Dˡ`` only."""
     check_writable(cfg.run_path)
-    distilled = _require(_stage_path(cfg, "student_distill"), "distill")
+    distilled = _require(cfg, "distill")
     student = build_student(cfg, len(datasets.class_names))
     load_weights(student, distilled)
-    return train_stage("student_refine", student, cfg, cfg.refine, datasets, resume=resume, progress=progress,
+    return train_stage("refine", student, cfg, cfg.refine, datasets, resume=resume, progress=progress,
                        seed_offset=4)
 
 
@@ -519,19 +603,12 @@ def supervised_baseline(
 ) -> StageResult:
     """The supervised-only student: labeled data only, from the same initialisation as the distilled one."""
     student = build_student(cfg, len(datasets.class_names))
-    return train_stage("student_supervised", student, cfg, cfg.baseline, datasets, resume=resume, progress=progress,
+    return train_stage("baseline", student, cfg, cfg.baseline, datasets, resume=resume, progress=progress,
                        seed_offset=5)
 
 
-#: Model of each evaluable stage: (folder, "student" or "teacher").
-EVALUABLE = {
-    "teacher_zero_shot": "teacher",
-    "teacher_finetune": "teacher",
-    "teacher_adapted": "teacher",
-    "student_distill": "student",
-    "student_refine": "student",
-    "student_supervised": "student",
-}
+#: Model of each evaluable stage: its name (see :data:`~reference_pipeline.config.STAGES`) -> "student" or "teacher".
+EVALUABLE = {s.name: s.model for s in STAGES}
 
 
 def load_stage_model(cfg: PipelineConfig, datasets: Datasets, stage: str) -> nn.Module:
@@ -544,7 +621,7 @@ def load_stage_model(cfg: PipelineConfig, datasets: Datasets, stage: str) -> nn.
         model = build_teacher(cfg, datasets.class_names)
     else:
         model = build_student(cfg, len(datasets.class_names))
-    load_weights(model, _require(_stage_path(cfg, stage), "demo"))
+    load_weights(model, _require(cfg, stage))
     return model
 
 

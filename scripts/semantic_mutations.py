@@ -167,16 +167,16 @@ PIPELINE: dict[str, Mutation] = {
         _STAGES),
     "distill_from_the_fine_tuned_teacher": (
         "reference_pipeline/stages.py",
-        [('_stage_path(cfg, "teacher_adapted"), "adapt-teacher"', '_stage_path(cfg, "teacher_finetune"), "adapt-teacher"')],
+        [('_stage_path(cfg, "teacher_self_train"), "adapt-teacher"', '_stage_path(cfg, "teacher_finetune"), "adapt-teacher"')],
         _STAGES),
     "distill_reads_the_fine_tuned_pseudo_label_cache": (
-        "reference_pipeline/stages.py", [('"pseudo_labels_adapted.json"', '"pseudo_labels_finetuned.json"')], _STAGES),
+        "reference_pipeline/stages.py", [('"pseudo_labels_teacher_self_train.json"', '"pseudo_labels_teacher_finetune.json"')], _STAGES),
     "refine_from_a_fresh_student": (
         "reference_pipeline/stages.py",
         [("    load_weights(student, distilled)\n", "")], _STAGES),
     "refine_runs_the_distill_block": (
         "reference_pipeline/stages.py",
-        [('train_stage("student_refine", student, cfg, cfg.refine,', 'train_stage("student_refine", student, cfg, cfg.distill,')],
+        [('train_stage("refine", student, cfg, cfg.refine,', 'train_stage("refine", student, cfg, cfg.distill,')],
         _STAGES),
     "demo_teacher_pretrained_on_the_target_labeled_split": (
         "reference_pipeline/stages.py", [("source_only = Datasets(datasets.source,", "source_only = Datasets(datasets.labeled,")],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from instcontrast import InstanceAwarePixelContrast
 from instcontrast._backend import resolve_backend
 from instcontrast.ops.chunked import sampled_logsumexp_chunked
 from instcontrast.ops.reference import sampled_logsumexp_reference
@@ -93,11 +94,15 @@ def test_backend_resolution_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_backend("reference").op_for(cpu) is sampled_logsumexp_reference
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve_backend("fast")
+    assert resolve_backend(None).name == "auto"
     monkeypatch.setenv("INSTCONTRAST_BACKEND", "reference")
-    assert resolve_backend("chunked").name == "reference"
+    assert resolve_backend(None).name == "reference"  # the variable chooses where the code does not
+    assert resolve_backend("chunked").name == "chunked"  # an explicit argument wins over it
+    assert InstanceAwarePixelContrast(backend="chunked").backend.name == "chunked"
+    assert InstanceAwarePixelContrast().backend.name == "reference"
     monkeypatch.setenv("INSTCONTRAST_BACKEND", "bogus")
     with pytest.raises(ValueError, match="INSTCONTRAST_BACKEND"):
-        resolve_backend("auto")
+        resolve_backend(None)
 
 
 def _blocked_samples(num_anchors: int, pool_size: int, negatives: int, dtype=torch.float32, strategy="fusion"):

@@ -210,3 +210,28 @@ def test_bad_constructor_arguments_raise_naming_the_argument(kwargs: dict, messa
     arguments = {"embedding_dim": 3, "prob_dim": 2, "size": 8} | kwargs
     with pytest.raises(ValueError, match=message):
         PixelMemoryBank(**arguments)
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "mask", "class", "fusion"])
+def test_a_bank_built_without_dims_takes_them_from_the_first_batch_for_every_strategy(strategy: str) -> None:
+    generator = torch.Generator().manual_seed(1)
+    bank = PixelMemoryBank(size=32, pixels_per_step=None)
+    loss = InstanceAwarePixelContrast(num_negatives=4, strategy=strategy, memory_bank=bank)
+    for _ in range(2):  # the second call samples from the bank the first one filled
+        z_weak, z_strong = torch.randn(2, 4, 3, 3, generator=generator), torch.randn(2, 4, 3, 3, generator=generator)
+        out = loss(z_weak, z_strong, torch.randn(2, 3, 6, 6, generator=generator), torch.randn(2, 3, 5, generator=generator))
+        assert torch.isfinite(out.loss)
+    widths = {"uniform": 3 + 5, "fusion": 3 + 5, "mask": 3, "class": 5}
+    assert bank.embeddings.shape == (32, 4) and bank.probs.shape == (32, widths[strategy])
+    assert int(bank.filled) == 32 and out.stats.bank_candidates > 0
+
+
+def test_a_bank_built_without_dims_resumes_from_a_saved_state() -> None:
+    bank = PixelMemoryBank(embedding_dim=4, prob_dim=3, size=6, pixels_per_step=None)
+    bank.enqueue(torch.randn(5, 4), torch.rand(5, 3))
+    restored = PixelMemoryBank(size=6, pixels_per_step=None)
+    restored.load_state_dict(bank.state_dict())
+    for key, value in bank.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value), key
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        PixelMemoryBank(embedding_dim=8, size=6).load_state_dict(bank.state_dict())  # a fixed dim is kept

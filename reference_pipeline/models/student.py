@@ -624,6 +624,24 @@ class Student(nn.Module):
             nn.Conv2d(config.projection_hidden_dim, config.embedding_dim, kernel_size=1),
         )
 
+    def architecture(self) -> StudentConfig:
+        """A config that rebuilds this model's architecture without reading any weights folder.
+
+        ``encoder_weights`` becomes ``None`` and a transformers encoder's configuration (read from its
+        folder when the model was built) moves into ``encoder_kwargs``, so a trained model's folder is
+        self-contained: :class:`Student` of this config plus ``load_weights`` gives the trained model.
+        """
+        if self.config.encoder_weights is None or self.encoder.kind not in ("dinov2", "sam2_hiera"):
+            return dataclasses.replace(self.config, encoder_weights=None)
+        from transformers import PretrainedConfig
+
+        built = self.encoder.model.config
+        generic = set(PretrainedConfig().to_dict())  # dtype, return_dict, ...: not the architecture
+        backbone_only = {"out_features", "out_indices", "stage_names", "reshape_hidden_states", "apply_layernorm"}
+        specific = set(type(built)().to_dict()) - generic - backbone_only
+        kwargs = {k: v for k, v in built.to_dict().items() if k in specific}
+        return dataclasses.replace(self.config, encoder_weights=None, encoder_kwargs=kwargs)
+
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters split for two learning rates: ``"encoder"`` and ``"decoder"`` (everything else).
 

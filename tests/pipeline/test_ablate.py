@@ -195,7 +195,7 @@ def test_reported_fnr_is_the_mean_of_the_fnr_the_library_logged(quick_table4: tu
         values = []
         for k in range(SEEDS):
             cell = root / "table4" / name / f"seed{k}"
-            lines = (cell / "student_distill" / "metrics.jsonl").read_text().splitlines()
+            lines = (cell / "distill" / "metrics.jsonl").read_text().splitlines()
             finite = [r["fnr"] for r in map(json.loads, lines) if "fnr" in r and math.isfinite(r["fnr"])]
             assert finite, f"no finite fnr logged in {cell}"
             reported = json.loads((cell / "cell.json").read_text())["metrics"]["fnr"]
@@ -210,7 +210,7 @@ def test_reported_fnr_is_the_mean_of_the_fnr_the_library_logged(quick_table4: tu
 
 def test_rerun_skips_finished_cells(quick_table4: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     report_path, root, data = quick_table4
-    watched = [*root.glob("table4/*/seed*/cell.json"), *root.glob("table4/*/seed*/student_distill/model.safetensors")]
+    watched = [*root.glob("table4/*/seed*/cell.json"), *root.glob("table4/*/seed*/distill/model.safetensors")]
     assert len(watched) == 2 * len(STRATEGIES) * SEEDS
     before = {path: path.stat().st_mtime_ns for path in watched}
 
@@ -228,7 +228,7 @@ def test_interrupted_cell_resumes_from_its_last_checkpoint(
 ) -> None:
     _, root, data = quick_table4
     cell = root / "table4" / "mask" / "seed1"
-    distill = cell / "student_distill"
+    distill = cell / "distill"
     checkpoints = distill / "checkpoints"
     names = sorted(p.name for p in checkpoints.glob("step_*"))
     assert names[-1] == "step_00000003" and "step_00000002" in names

@@ -13,8 +13,8 @@ from PIL import Image
 
 from reference_pipeline.cli import main
 
-STAGES = ("teacher_zero_shot", "teacher_finetune", "teacher_adapted", "student_distill", "student_refine",
-          "student_supervised")
+STAGES = ("teacher_zero_shot", "teacher_finetune", "teacher_self_train", "distill", "refine",
+          "baseline")
 
 
 @pytest.fixture(scope="module")
@@ -30,17 +30,17 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Path
 def test_demo_runs_every_stage_and_writes_the_report(quick_run) -> None:
     _, run = quick_run
     results = json.loads((run / "evaluation.json").read_text())
-    seeded = {f"{name}@seed1" for name in ("student_distill", "student_refine", "student_supervised")}
+    seeded = {f"{name}@seed1" for name in ("distill", "refine", "baseline")}
     assert set(results) == set(STAGES) | seeded
     for name in STAGES:
         metrics = results[name]
         assert 0.0 <= metrics["AP"] <= 100.0 and metrics["parameters"] > 0 and metrics["latency_s"] > 0
     assert all(0.0 <= results[name]["AP"] <= 100.0 for name in seeded)
-    assert results["teacher_adapted"]["parameters"] > results["student_refine"]["parameters"]
+    assert results["teacher_self_train"]["parameters"] > results["refine"]["parameters"]
     # the second seed distils from the same adapted teacher and pseudo-labels, with its own seed
     seed_run = run / "seeds" / "seed1"
-    assert (seed_run / "pseudo_labels_adapted.json").read_bytes() == (run / "pseudo_labels_adapted.json").read_bytes()
-    assert (seed_run / "student_distill" / "model.safetensors").is_file()
+    assert (seed_run / "pseudo_labels_teacher_self_train.json").read_bytes() == (run / "pseudo_labels_teacher_self_train.json").read_bytes()
+    assert (seed_run / "distill" / "model.safetensors").is_file()
     ceiling = json.loads((run / "resolution_ceiling.json").read_text())
     assert ceiling["stride"] == 2 and 0 < ceiling["AP"] <= 100
     report = (run / "report.md").read_text()
@@ -50,20 +50,20 @@ def test_demo_runs_every_stage_and_writes_the_report(quick_run) -> None:
     assert "2 seed(s)" in report and "Resolution ceiling: perfect masks" in report
     for plot in ("ap_per_stage.png", "loss_curves.png", "contrast_diagnostics.png", "overlays.png", "learning_curves.png"):
         assert (run / plot).stat().st_size > 1000
-    distill_log = [json.loads(line) for line in (run / "student_distill" / "metrics.jsonl").read_text().splitlines()]
+    distill_log = [json.loads(line) for line in (run / "distill" / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in distill_log if r["kind"] == "train"]
     assert all("fnr" in r and "pxl" in r and "semi" in r for r in train_records)  # J's terms + the library's stats
-    assert (run / "pseudo_labels_adapted.json").is_file() and (run / "pseudo_labels_finetuned.json").is_file()
+    assert (run / "pseudo_labels_teacher_self_train.json").is_file() and (run / "pseudo_labels_teacher_finetune.json").is_file()
 
 
 def test_rerun_skips_finished_stages(quick_run) -> None:
     common, run = quick_run
-    weights = run / "student_distill" / "model.safetensors"
+    weights = run / "distill" / "model.safetensors"
     before = weights.stat().st_mtime_ns
-    metrics_before = (run / "student_distill" / "metrics.jsonl").read_text()
+    metrics_before = (run / "distill" / "metrics.jsonl").read_text()
     assert main(["distill", *common]) == 0
     assert weights.stat().st_mtime_ns == before
-    assert (run / "student_distill" / "metrics.jsonl").read_text() == metrics_before
+    assert (run / "distill" / "metrics.jsonl").read_text() == metrics_before
 
 
 def test_export_matches_pytorch(quick_run, tmp_path: Path, capsys) -> None:
@@ -131,8 +131,8 @@ def test_empty_labeled_split_is_a_clear_error(tmp_path: Path, capsys) -> None:
 def test_checkpoint_of_another_model_is_refused(quick_run, tmp_path: Path, capsys) -> None:
     common, run = quick_run
     other = tmp_path / "run"
-    shutil.copytree(run / "student_refine", other / "student_refine")
-    code = main(["evaluate", *common, "--run-dir", str(other), "--stage", "student_refine",
+    shutil.copytree(run / "refine", other / "refine")
+    code = main(["evaluate", *common, "--run-dir", str(other), "--stage", "refine",
                  "--set", "student.hidden_dim=32"])
     assert code == 2
     err = capsys.readouterr().err

@@ -7,13 +7,13 @@ from reference_pipeline.report import order_verdict, paper_order_checks, seed_va
 
 def _results(distill: list[float], supervised: list[float], refine: list[float] | None = None) -> dict:
     results: dict = {}
-    for name, values in (("student_distill", distill), ("student_supervised", supervised),
-                         ("student_refine", refine or distill)):
+    for name, values in (("distill", distill), ("baseline", supervised),
+                         ("refine", refine or distill)):
         for k, value in enumerate(values):
             key = name if k == 0 else f"{name}@seed{k}"
             results[key] = {"AP": value, "AP50": 2 * value, "images": 10.0}
     results["teacher_zero_shot"] = {"AP": 15.0, "AP50": 30.0, "images": 10.0}
-    results["teacher_adapted"] = {"AP": 19.0, "AP50": 35.0, "images": 10.0}
+    results["teacher_self_train"] = {"AP": 19.0, "AP50": 35.0, "images": 10.0}
     return results
 
 
@@ -23,8 +23,8 @@ def _check(results: dict, claim_start: str):
 
 def test_seed_values_reads_seed_zero_and_every_suffixed_seed():
     results = _results([10.0, 11.0, 12.0], [5.0, 5.5, 6.0])
-    assert seed_values(results, "student_distill") == {0: 10.0, 1: 11.0, 2: 12.0}
-    assert seed_values(results, "teacher_adapted") == {0: 19.0}
+    assert seed_values(results, "distill") == {0: 10.0, 1: 11.0, 2: 12.0}
+    assert seed_values(results, "teacher_self_train") == {0: 19.0}
     assert seed_values(results, "missing") == {}
 
 
@@ -69,5 +69,5 @@ def test_one_seed_decides_by_sign_and_says_there_is_no_spread():
 
 def test_a_missing_model_is_not_measured():
     results = _results([12.0], [10.0])
-    del results["teacher_adapted"]
+    del results["teacher_self_train"]
     assert _check(results, "adapted teacher").verdict == "not measured"

@@ -79,9 +79,9 @@ def test_every_documented_command_runs_on_the_paper_config(
         code, err = _run_in_process(command, root, monkeypatch, capsys)
         assert code == 0, f"{command[3]} failed: {err[-2000:]}"
     run_dir = next(root.glob("runs/*"))
-    for stage in ("teacher_finetune", "teacher_adapted", "student_distill", "student_refine"):
+    for stage in ("teacher_finetune", "teacher_self_train", "distill", "refine"):
         assert (run_dir / stage / "model.safetensors").is_file(), stage
-    assert (run_dir / "pseudo_labels_adapted.json").is_file()
+    assert (run_dir / "pseudo_labels_teacher_self_train.json").is_file()
 
 
 def test_a_missing_weights_folder_shaped_like_the_defaults_names_the_folder_and_its_files(
@@ -132,8 +132,8 @@ def test_the_three_stages_run_under_torchrun_with_two_gloo_processes(cityscapes:
         done = _torchrun(command, cityscapes)
         assert done.returncode == 0, done.stderr[-3000:]
     # refine (λ_pxl = 0) leaves the projection head without gradient: frozen for the stage, not a DDP error
-    assert re.search(r"student_refine: \d+ parameter tensor\(s\) get no gradient .* left out of DDP: .*projection_head", done.stderr)
-    assert (cityscapes / "runs" / "smoke_ddp" / "student_refine" / "model.safetensors").is_file()
+    assert re.search(r"refine: \d+ parameter tensor\(s\) get no gradient .* left out of DDP: .*projection_head", done.stderr)
+    assert (cityscapes / "runs" / "smoke_ddp" / "refine" / "model.safetensors").is_file()
 
 
 def test_a_failing_rank_reports_one_line_without_a_traceback(cityscapes: Path) -> None:

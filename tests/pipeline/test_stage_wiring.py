@@ -36,10 +36,10 @@ if not hasattr(stubs, "TaggedModel"):
 
 # weights that name a model's state
 FRESH_TEACHER, PRETRAINED, FRESH_STUDENT = 0.5, 1.0, -1.0
-TRAINED = {"teacher_finetune": 2.0, "teacher_adapted": 3.0, "student_distill": 4.0, "student_refine": 5.0,
-           "student_supervised": 6.0}
-STAGE_FIELD = {"teacher_finetune": "teacher_finetune", "teacher_adapted": "teacher_self_train",
-               "student_distill": "distill", "student_refine": "refine", "student_supervised": "baseline"}
+TRAINED = {"teacher_finetune": 2.0, "teacher_self_train": 3.0, "distill": 4.0, "refine": 5.0,
+           "baseline": 6.0}
+STAGE_FIELD = {"teacher_finetune": "teacher_finetune", "teacher_self_train": "teacher_self_train",
+               "distill": "distill", "refine": "refine", "baseline": "baseline"}
 
 
 class Recorder:
@@ -112,7 +112,7 @@ def test_self_training_is_reinitialised_from_the_pretrained_teacher_and_uses_the
     recorder, datasets
 ) -> None:
     stages.adapt_teacher(recorder.cfg, datasets, progress=False)
-    adapted = recorder.trained["teacher_adapted"]
+    adapted = recorder.trained["teacher_self_train"]
     assert adapted["start"] == PRETRAINED  # not the fine-tuned weights
     assert adapted["pseudo"] == {"made_by": TRAINED["teacher_finetune"]}
 
@@ -121,7 +121,7 @@ def test_distillation_pseudo_labels_come_from_the_frozen_adapted_teacher_in_thei
     stages.adapt_teacher(recorder.cfg, datasets, progress=False)
     stages.distill(recorder.cfg, datasets, progress=False)
     stage_one, stage_two = recorder.labelled
-    assert stage_two["teacher"] == TRAINED["teacher_adapted"]
+    assert stage_two["teacher"] == TRAINED["teacher_self_train"]
     assert stage_two["frozen"]
     assert stage_two["path"] != stage_one["path"]  # never the fine-tuned teacher's cached labels
 
@@ -129,21 +129,21 @@ def test_distillation_pseudo_labels_come_from_the_frozen_adapted_teacher_in_thei
 def test_distillation_trains_a_freshly_built_student_on_the_adapted_teachers_pseudo_labels(recorder, datasets) -> None:
     stages.adapt_teacher(recorder.cfg, datasets, progress=False)
     stages.distill(recorder.cfg, datasets, progress=False)
-    distilled = recorder.trained["student_distill"]
+    distilled = recorder.trained["distill"]
     assert distilled["start"] == FRESH_STUDENT
-    assert distilled["pseudo"] == {"made_by": TRAINED["teacher_adapted"]}
+    assert distilled["pseudo"] == {"made_by": TRAINED["teacher_self_train"]}
 
 
 def test_refinement_starts_from_the_distilled_student_on_labeled_data_only(recorder, datasets) -> None:
     _run_all(recorder, datasets)
-    refined = recorder.trained["student_refine"]
-    assert refined["start"] == TRAINED["student_distill"]
+    refined = recorder.trained["refine"]
+    assert refined["start"] == TRAINED["distill"]
     assert refined["pseudo"] is None
 
 
 def test_supervised_baseline_starts_from_a_fresh_student_on_labeled_data_only(recorder, datasets) -> None:
     _run_all(recorder, datasets)
-    baseline = recorder.trained["student_supervised"]
+    baseline = recorder.trained["baseline"]
     assert baseline["start"] == FRESH_STUDENT
     assert baseline["pseudo"] is None
 
@@ -209,5 +209,5 @@ def test_evaluation_runs_on_the_validation_split(recorder, datasets, monkeypatch
     import reference_pipeline.inference as inference
 
     monkeypatch.setattr(inference, "measure_latency", lambda *a, **k: 0.0)
-    stages.evaluate_stage(recorder.cfg, datasets, "student_refine", progress=False)
+    stages.evaluate_stage(recorder.cfg, datasets, "refine", progress=False)
     assert seen == [datasets.val]

@@ -1,11 +1,11 @@
-"""The one-command demo: the whole method on the built-in dataset, then ``report.md``.
+"""``run``: the whole method on one config, then ``report.md`` (``demo`` is ``run`` on ``configs/demo.yaml``).
 
 Order (each step resumes / is skipped when its outputs exist in ``run_dir``):
 
-1. generate the synthetic dataset (once, under ``data.root``);
-2. pretrain the demo teacher on the ``source`` domain (once, cached beside the dataset) — a larger
-   model of the student's architecture standing in for the foundation model, not one;
-3. evaluate it zero-shot on the ``target`` validation split;
+1. open the data (the built-in dataset is generated once, under ``data.root``);
+2. the teacher: a pipeline-model teacher is pretrained on its source once (cached beside the data);
+   a foundation or ``transformers`` teacher is loaded from its local folders;
+3. evaluate it zero-shot on the validation split;
 4. stage 1 adapt-teacher, stage 2 distill, stage 3 refine, evaluating after each;
 5. the supervised-only student with the same budget as distill + refine;
    steps 4's student side and 5 again for every further seed of ``student_seeds`` (shared teacher);
@@ -27,12 +27,12 @@ from .engine import barrier, distributed_info
 from .evaluate import resolution_ceiling
 from .report import write_report
 
-__all__ = ["run_demo", "run_pipeline", "seed_run"]
+__all__ = ["run_method", "run_stages", "seed_run"]
 
 logger = logging.getLogger(__name__)
 
 
-def run_pipeline(cfg: PipelineConfig, *, resume: bool = True, progress: bool = True) -> dict[str, dict[str, float]]:
+def run_stages(cfg: PipelineConfig, *, resume: bool = True, progress: bool = True) -> dict[str, dict[str, float]]:
     """Every stage and the baseline, each evaluated; results saved to ``run_dir/evaluation.json``.
 
     Returns:
@@ -79,17 +79,17 @@ def run_pipeline(cfg: PipelineConfig, *, resume: bool = True, progress: bool = T
     record("teacher_zero_shot", float(timings.get("teacher_pretrain", 0.0)))
     finetune, adapted = stages.adapt_teacher(cfg, datasets, resume=resume, progress=progress)
     record("teacher_finetune", finetune.wall_time)
-    record("teacher_adapted", finetune.wall_time + adapted.wall_time)
+    record("teacher_self_train", finetune.wall_time + adapted.wall_time)
     distilled = stages.distill(cfg, datasets, resume=resume, progress=progress)
-    record("student_distill", distilled.wall_time)
+    record("distill", distilled.wall_time)
     refined = stages.refine(cfg, datasets, resume=resume, progress=progress)
-    record("student_refine", refined.wall_time)
+    record("refine", refined.wall_time)
     baseline = stages.supervised_baseline(cfg, datasets, resume=resume, progress=progress)
-    record("student_supervised", baseline.wall_time)
+    record("baseline", baseline.wall_time)
     for offset in range(1, cfg.student_seeds):
         seed_cfg = seed_run(cfg, offset)
-        for name, stage in (("student_distill", stages.distill), ("student_refine", stages.refine),
-                            ("student_supervised", stages.supervised_baseline)):
+        for name, stage in (("distill", stages.distill), ("refine", stages.refine),
+                            ("baseline", stages.supervised_baseline)):
             stage(seed_cfg, datasets, resume=resume, progress=progress)
             if is_main and f"{name}@seed{offset}" not in results:
                 metrics = stages.evaluate_stage(seed_cfg, datasets, name, progress=progress)
@@ -106,19 +106,19 @@ def seed_run(cfg: PipelineConfig, offset: int) -> PipelineConfig:
     """
     folder = cfg.run_path / "seeds" / f"seed{offset}"
     if distributed_info().is_main:
-        for shared in ("teacher_adapted/model.safetensors", "pseudo_labels_adapted.json"):
+        for shared in ("teacher_self_train/model.safetensors", "pseudo_labels_teacher_self_train.json"):
             if not (folder / shared).is_file():
                 link_or_copy(cfg.run_path / shared, folder / shared)
     barrier(distributed_info())
     return replace(cfg, seed=cfg.seed + offset, run_dir=str(folder), student_seeds=1)
 
 
-def run_demo(cfg: PipelineConfig, *, resume: bool = True, progress: bool = True) -> Path:
-    """Run :func:`run_pipeline` and write the report; returns the report's path."""
+def run_method(cfg: PipelineConfig, *, resume: bool = True, progress: bool = True) -> Path:
+    """Run :func:`run_stages` and write the report; returns the report's path."""
     start = time.perf_counter()
-    results = run_pipeline(cfg, resume=resume, progress=progress)
+    results = run_stages(cfg, resume=resume, progress=progress)
     if not distributed_info().is_main:
         return cfg.run_path / "report.md"
     report = write_report(cfg, results, total_time=time.perf_counter() - start)
-    logger.info("demo finished in %.1f s; report at %s", time.perf_counter() - start, report)
+    logger.info("run finished in %.1f s; report at %s", time.perf_counter() - start, report)
     return report
