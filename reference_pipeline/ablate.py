@@ -59,6 +59,7 @@ from .atomic import atomic_write_json, atomic_write_text, link_or_copy
 from .checkpoint import save_weights
 from .config import ConfigError, PipelineConfig, config_from_dict, config_to_dict, load_pipeline_config
 from .engine import read_metrics
+from .errors import UserError
 
 __all__ = [
     "METRICS",
@@ -148,17 +149,17 @@ class RowSpec:
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name.startswith((".", "_")):
-            raise ValueError(f"row name {self.name!r} must be a plain folder name")
+            raise UserError(f"row name {self.name!r} must be a plain folder name")
         unknown = [s for s in self.stages if s not in STUDENT_STAGES]
         if unknown or not self.stages:
-            raise ValueError(f"row {self.name!r}: stages {self.stages} must be a non-empty list of {list(STUDENT_STAGES)}")
+            raise UserError(f"row {self.name!r}: stages {self.stages} must be a non-empty list of {list(STUDENT_STAGES)}")
         if "distill" in self.stages and self.teacher == "none":
-            raise ValueError(f"row {self.name!r}: the distill stage needs a teacher (teacher is 'none')")
+            raise UserError(f"row {self.name!r}: the distill stage needs a teacher (teacher is 'none')")
         if "refine" in self.stages and "distill" not in self.stages:
-            raise ValueError(f"row {self.name!r}: refine needs the distill stage before it")
+            raise UserError(f"row {self.name!r}: refine needs the distill stage before it")
         bad = [m for m in self.paper if m not in METRICS]
         if bad:
-            raise ValueError(f"row {self.name!r}: unknown paper metrics {bad}; valid: {list(METRICS)}")
+            raise UserError(f"row {self.name!r}: unknown paper metrics {bad}; valid: {list(METRICS)}")
 
 
 @dataclass
@@ -186,12 +187,12 @@ class TableSpec:
     def __post_init__(self) -> None:
         names = [row.name for row in self.rows]
         if len(set(names)) != len(names):
-            raise ValueError(f"table {self.title!r}: duplicate row names in {names}")
+            raise UserError(f"table {self.title!r}: duplicate row names in {names}")
         if self.default not in names:
-            raise ValueError(f"table {self.title!r}: default row {self.default!r} is not one of {names}")
+            raise UserError(f"table {self.title!r}: default row {self.default!r} is not one of {names}")
         bad = [m for m in [*self.columns, *self.compare] if m not in METRICS]
         if bad:
-            raise ValueError(f"table {self.title!r}: unknown metrics {bad}; valid: {list(METRICS)}")
+            raise UserError(f"table {self.title!r}: unknown metrics {bad}; valid: {list(METRICS)}")
 
 
 @dataclass
@@ -231,7 +232,7 @@ class AblationConfig:
 
     def __post_init__(self) -> None:
         if self.seeds < 1 or self.quick.seeds < 1:
-            raise ValueError(f"seeds must be >= 1, got seeds={self.seeds}, quick.seeds={self.quick.seeds}")
+            raise UserError(f"seeds must be >= 1, got seeds={self.seeds}, quick.seeds={self.quick.seeds}")
 
 
 def load_ablation_config(path: str | os.PathLike[str]) -> tuple[AblationConfig, Path]:
@@ -402,7 +403,7 @@ def plan_cells(config: AblationConfig, only: Sequence[str] | None, seeds: int) -
     selected = list(only) if only else names
     unknown = [t for t in selected if t not in config.tables]
     if unknown:
-        raise ValueError(f"unknown ablation table(s) {unknown}; valid: {names}")
+        raise UserError(f"unknown ablation table(s) {unknown}; valid: {names}")
     return [
         CellSpec(table, row, k)
         for k in range(seeds)
@@ -636,7 +637,7 @@ def run_ablations(
     ablation, pipeline_path = load_ablation_config(config)
     seed_count = seeds if seeds is not None else (ablation.quick.seeds if quick else ablation.seeds)
     if seed_count < 1:
-        raise ValueError(f"seeds must be >= 1, got {seed_count}")
+        raise UserError(f"seeds must be >= 1, got {seed_count}")
     base_overrides = list(ablation.overrides)
     if quick:
         base_overrides += [*QUICK_OVERRIDES, *ablation.quick.overrides]

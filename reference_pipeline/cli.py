@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import STAGES
+from .errors import UserError
 
 __all__ = ["build_parser", "main"]
 
@@ -174,21 +175,30 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"{name:20s} AP {metrics['AP']:6.2f}  AP50 {metrics['AP50']:6.2f}  params {metrics['parameters'] / 1e6:6.2f}M")
 
 
+def _model_folder(args: argparse.Namespace) -> Path:
+    """``--model`` as given, else the ``--stage`` folder of the config's run directory."""
+    if args.model:
+        return Path(args.model)
+    if args.stage == "teacher_zero_shot":
+        raise UserError("teacher_zero_shot is not a trained folder; pick a trained stage or --model FOLDER")
+    return _load(args).run_path / args.stage
+
+
 def _cmd_predict(args: argparse.Namespace) -> None:
     from .predict import predict_folder
 
-    cfg = _load(args)
-    out = predict_folder(cfg, Path(args.images), Path(args.out), stage=args.stage, score_threshold=args.score_threshold,
-                         progress=not args.no_progress)
+    out = predict_folder(_model_folder(args), Path(args.images), Path(args.out),
+                         annotations=Path(args.annotations) if args.annotations else None,
+                         score_threshold=args.score_threshold, progress=not args.no_progress)
     print(f"predictions: {out}")
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from .export import export_onnx
 
-    cfg = _load(args)
-    path = Path(args.out) if args.out else cfg.run_path / "student.onnx"
-    result = export_onnx(cfg, stage=args.stage, path=path)
+    folder = _model_folder(args)
+    path = Path(args.out) if args.out else (folder / "model.onnx" if args.model else _load(args).run_path / "student.onnx")
+    result = export_onnx(folder, path)
     print(f"exported {result.path} (max |onnx - torch| = {result.max_abs_diff:.2e})")
 
 
@@ -230,7 +240,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from .engine import cleanup_distributed, init_distributed
-    from .errors import UserError
 
     info = None
     try:

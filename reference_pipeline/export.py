@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from .atomic import atomic_path
-from .config import PipelineConfig
+from .errors import UserError
+from .trained import load_trained
 
 __all__ = ["ExportResult", "InferenceWrapper", "export_model", "export_onnx"]
 
@@ -76,12 +77,15 @@ def export_model(model: nn.Module, image_size: tuple[int, int], path: Path, *, o
     return ExportResult(path, diff, ("mask_logits", "class_logits"))
 
 
-def export_onnx(cfg: PipelineConfig, *, stage: str = "refine", path: Path) -> ExportResult:
-    """Export the trained student of ``stage`` from the run directory (see :func:`export_model`)."""
-    from . import stages
+def export_onnx(model_folder: Path, path: Path) -> ExportResult:
+    """Export the trained student of ``model_folder`` (a stage's folder; see :func:`export_model`).
 
-    if stages.EVALUABLE.get(stage) != "student":
-        raise ValueError(f"export takes a student stage, one of {[s for s, k in stages.EVALUABLE.items() if k == 'student']}")
-    datasets = stages.load_datasets(cfg, progress=False)
-    model = stages.load_stage_model(cfg, datasets, stage)
-    return export_model(model, tuple(cfg.data.image_size), path)
+    Needs no config and no dataset: the folder describes itself (:mod:`reference_pipeline.trained`).
+
+    Raises:
+        UserError: if the folder holds a teacher.
+    """
+    model, card = load_trained(model_folder)
+    if card.kind != "student":
+        raise UserError(f"export takes a student's folder; {model_folder} holds a {card.kind} teacher ({card.stage})")
+    return export_model(model, tuple(card.image_size), path)

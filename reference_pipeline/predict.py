@@ -8,13 +8,15 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .config import PipelineConfig
+from .atomic import atomic_write_json
 from .data.structures import InstanceSample, load_rgb_image
+from .errors import UserError
 from .evaluate import postprocess_mask2former, predictions_to_coco_results
 from .inference import predict_dataset
+from .trained import load_trained
 from .visualize import panel_from_predictions, save_overlay_grid
 
-__all__ = ["IMAGE_SUFFIXES", "ImageFolder", "predict_folder"]
+__all__ = ["IMAGE_SUFFIXES", "ImageFolder", "image_ids_from_coco", "predict_folder"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -47,43 +49,65 @@ class ImageFolder:
         )
 
 
+def image_ids_from_coco(annotations: Path, files: list[Path]) -> list[int]:
+    """The ``id`` of each file in a COCO JSON's ``images`` (matched by ``file_name``, or by its base name).
+
+    Raises:
+        FileNotFoundError: if the JSON is missing.
+        UserError: if a file is not listed in it (the message names a few).
+    """
+    if not annotations.is_file():
+        raise FileNotFoundError(f"COCO annotations not found: {annotations}")
+    images = json.loads(annotations.read_text()).get("images", [])
+    by_name: dict[str, int] = {}
+    for image in images:
+        by_name.setdefault(str(image["file_name"]), int(image["id"]))
+        by_name.setdefault(Path(str(image["file_name"])).name, int(image["id"]))
+    missing = [f.name for f in files if f.name not in by_name]
+    if missing:
+        raise UserError(f"{len(missing)} image(s) are not in {annotations}: {missing[:5]}")
+    return [by_name[f.name] for f in files]
+
+
 def predict_folder(
-    cfg: PipelineConfig, images: Path, out: Path, *, stage: str = "refine", score_threshold: float = 0.5,
+    model_folder: Path, images: Path, out: Path, *, annotations: Path | None = None, score_threshold: float = 0.5,
     progress: bool = True,
 ) -> Path:
-    """Run ``stage``'s trained model on every image of ``images``; write ``out/results.json`` and overlays.
+    """Run the trained model of ``model_folder`` on every image of ``images``; write ``out/results.json`` + overlays.
 
-    Unreadable images raise ``ValueError`` naming the file before anything is written.
+    Needs no config and no dataset: the model folder describes itself
+    (:mod:`reference_pipeline.trained`). Results carry the dataset's ``category_id`` and each image's
+    ``file_name``; ``image_id`` is the image's id in ``annotations`` (a COCO JSON listing these images)
+    when given, else its position in the sorted folder. Unreadable images raise naming the file before
+    anything is written.
 
     Returns:
         The results JSON path (COCO results format: ``image_id``, ``category_id``, RLE ``segmentation``,
-        ``score``; ``images.json`` maps ids to file names).
+        ``score``, plus ``file_name``), loadable with ``pycocotools``' ``COCO.loadRes``.
     """
-    from . import stages
-
-    datasets = stages.load_datasets(cfg, progress=False)
-    model = stages.load_stage_model(cfg, datasets, stage)
-    folder = ImageFolder(images, datasets.class_names)
+    model, card = load_trained(model_folder)
+    folder = ImageFolder(images, card.class_names)
+    image_ids = image_ids_from_coco(annotations, folder.files) if annotations is not None else folder.image_ids
     for index in range(len(folder)):  # fail early on a corrupt file, before writing anything
         folder[index]
     out.mkdir(parents=True, exist_ok=True)
     results = []
     bar = tqdm(total=len(folder), desc="predict", disable=not progress)
-    for prediction in predict_dataset(model, folder, image_size=tuple(cfg.data.image_size), progress=False):
+    predictions = predict_dataset(model, folder, image_size=tuple(card.image_size), progress=False)
+    for index, prediction in enumerate(predictions):
         sample = prediction.sample
         instances = postprocess_mask2former(
-            prediction.mask_logits, prediction.class_logits, (sample.height, sample.width), cfg.eval.top_k
+            prediction.mask_logits, prediction.class_logits, (sample.height, sample.width), card.top_k
         )
-        results.extend(predictions_to_coco_results(sample.image_id, instances))
+        for record in predictions_to_coco_results(image_ids[index], instances, card.category_ids):
+            results.append({**record, "file_name": sample.file_name})
         save_overlay_grid(
             out / f"{Path(sample.file_name).stem}_overlay.png",
             [[panel_from_predictions(sample.image, instances, f"{sample.file_name} (score ≥ {score_threshold})",
                                      score_threshold=score_threshold)]],
-            class_names=datasets.class_names,
+            class_names=card.class_names,
         )
         bar.update(1)
     bar.close()
-    (out / "images.json").write_text(json.dumps([{"id": i, "file_name": f.name} for i, f in enumerate(folder.files)]))
-    path = out / "results.json"
-    path.write_text(json.dumps(results))
-    return path
+    atomic_write_json(out / "images.json", [{"id": i, "file_name": f.name} for i, f in zip(image_ids, folder.files)])
+    return atomic_write_json(out / "results.json", results)

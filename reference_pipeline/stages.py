@@ -66,7 +66,7 @@ from .losses import Objective, SetCriterion
 from .models.demo import DEMO_TEACHER_NAME
 from .models.student import Student, count_parameters
 from .pseudo_labels import pseudo_label
-from .trained import describe, save_trained
+from .trained import describe, load_trained, save_trained
 
 __all__ = [
     "Datasets",
@@ -115,7 +115,7 @@ def _split(dataset: InstanceDataset, fraction: float, seed: int) -> tuple[Instan
     ids = [int(i) for i in dataset.image_ids]
     if not ids:
         where = getattr(dataset, "annotation_file", None) or getattr(dataset, "root", "the training set")
-        raise ValueError(f"the labeled split is empty: {where} holds no training images")
+        raise UserError(f"the labeled split is empty: {where} holds no training images")
     labeled_ids = make_label_split(ids, fraction, seed=seed)
     chosen = set(labeled_ids)
     return SubsetDataset(dataset, labeled_ids), SubsetDataset(dataset, [i for i in ids if i not in chosen])
@@ -151,7 +151,7 @@ def load_datasets(cfg: PipelineConfig, *, progress: bool = True) -> Datasets:
         source = load_synthetic_split(root, "source_train")
     elif data.format == "coco":
         if not data.train_annotations or not data.val_annotations:
-            raise ValueError("data.format=coco needs data.train_annotations and data.val_annotations (COCO JSON paths)")
+            raise UserError("data.format=coco needs data.train_annotations and data.val_annotations (COCO JSON paths)")
         train_set = CocoInstanceDataset(data.train_annotations, data.root)
         labeled, unlabeled = _split(train_set, data.label_fraction, data.split_seed)
         val = CocoInstanceDataset(data.val_annotations, data.val_images or data.root)
@@ -162,7 +162,7 @@ def load_datasets(cfg: PipelineConfig, *, progress: bool = True) -> Datasets:
         labeled, unlabeled = _split(ADE20KInstanceDataset(data.root, "training"), data.label_fraction, data.split_seed)
         val = ADE20KInstanceDataset(data.root, "validation")
     if len(labeled) == 0:
-        raise ValueError(
+        raise UserError(
             f"the labeled split is empty (format={data.format}, root={data.root}, label_fraction={data.label_fraction})"
         )
     return Datasets(labeled, unlabeled, _first(val, data.max_val_images), source, list(labeled.class_names))
@@ -530,7 +530,7 @@ def pretrained_teacher(cfg: PipelineConfig, datasets: Datasets, *, progress: boo
     if cfg.teacher_kind != "demo":
         return teacher, 0.0
     if datasets.source is None:
-        raise ValueError("teacher_kind=demo needs the synthetic dataset's source domain (data.format=synthetic)")
+        raise UserError("teacher_kind=demo needs the synthetic dataset's source domain (data.format=synthetic)")
     cache = demo_teacher_cache(cfg)
     logger.info("teacher: %s (%.2f M parameters)", DEMO_TEACHER_NAME, count_parameters(teacher) / 1e6)
     if (cache / WEIGHTS_FILE).is_file() and (cache / "result.json").is_file():
@@ -612,16 +612,12 @@ EVALUABLE = {s.name: s.model for s in STAGES}
 
 
 def load_stage_model(cfg: PipelineConfig, datasets: Datasets, stage: str) -> nn.Module:
-    """The trained model of ``stage`` (one of :data:`EVALUABLE`)."""
+    """The trained model of ``stage`` (one of :data:`EVALUABLE`), from its self-describing folder."""
     if stage not in EVALUABLE:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {list(EVALUABLE)}")
+        raise UserError(f"unknown stage {stage!r}; expected one of {list(EVALUABLE)}")
     if stage == "teacher_zero_shot":
         return pretrained_teacher(cfg, datasets, progress=False)[0]
-    if EVALUABLE[stage] == "teacher":
-        model = build_teacher(cfg, datasets.class_names)
-    else:
-        model = build_student(cfg, len(datasets.class_names))
-    load_weights(model, _require(cfg, stage))
+    model, _ = load_trained(_require(cfg, stage).parent)
     return model
 
 

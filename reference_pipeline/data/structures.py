@@ -16,6 +16,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from ..errors import UserError
+
 __all__ = [
     "InstanceSample",
     "InstanceDataset",
@@ -175,7 +177,7 @@ def load_rgb_image(path: Path) -> np.ndarray:
         with Image.open(path) as handle:
             return np.asarray(handle.convert("RGB"), dtype=np.uint8).copy()
     except (OSError, SyntaxError) as error:  # PIL raises these for truncated / unknown files
-        raise ValueError(f"cannot decode image {path}: {error}") from error
+        raise UserError(f"cannot decode image {path}: {error}") from error
 
 
 def check_index(index: int, length: int, name: str) -> int:

@@ -70,6 +70,7 @@ from transformers import (
     SwinConfig,
 )
 
+from ..errors import UserError
 from .outputs import SegmentationOutput
 
 __all__ = [
@@ -324,7 +325,7 @@ def check_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
     ids = tokenizer.convert_tokens_to_ids(list(BERT_SPECIAL_TOKEN_IDS))
     wrong = {token: got for (token, want), got in zip(BERT_SPECIAL_TOKEN_IDS.items(), ids) if got != want}
     if wrong:
-        raise ValueError(
+        raise UserError(
             f"Grounding-DINO hard-codes the BERT ids {BERT_SPECIAL_TOKEN_IDS}, but the tokenizer maps {wrong}; "
             "use the detector's own (bert-base-uncased) vocabulary"
         )
@@ -351,7 +352,7 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, class_names: Sequence[str]
     input_ids = encoded["input_ids"]  # (1, T)
     length = input_ids.shape[1]
     if length > max_text_len:
-        raise ValueError(
+        raise UserError(
             f"the prompt of {len(class_names)} class names has {length} tokens, more than the detector's "
             f"max_text_len={max_text_len}; use fewer or shorter class names"
         )
@@ -364,7 +365,7 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, class_names: Sequence[str]
     )  # (C, T)
     empty = [name for name, row in zip(class_names, token_to_phrase) if not bool(row.any())]
     if empty:
-        raise ValueError(f"class names {empty} produced no tokens")
+        raise UserError(f"class names {empty} produced no tokens")
     return PromptEncoding(prompt, input_ids, torch.ones_like(input_ids), token_to_phrase)
 
 

@@ -128,12 +128,25 @@ def test_empty_labeled_split_is_a_clear_error(tmp_path: Path, capsys) -> None:
     assert "labeled split is empty" in capsys.readouterr().err
 
 
-def test_checkpoint_of_another_model_is_refused(quick_run, tmp_path: Path, capsys) -> None:
+def test_a_stage_made_with_other_settings_is_refused_naming_the_key(quick_run, tmp_path: Path, capsys) -> None:
     common, run = quick_run
     other = tmp_path / "run"
     shutil.copytree(run / "refine", other / "refine")
     code = main(["evaluate", *common, "--run-dir", str(other), "--stage", "refine",
                  "--set", "student.hidden_dim=32"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "student.hidden_dim: 64 -> 32" in err and "--no-resume" in err and len(err.strip().splitlines()) == 1
+
+
+def test_weights_that_do_not_fit_the_described_model_are_refused(quick_run, tmp_path: Path, capsys) -> None:
+    common, run = quick_run
+    other = tmp_path / "run"
+    shutil.copytree(run / "refine", other / "refine")
+    card = json.loads((other / "refine" / "config.json").read_text())
+    card["architecture"]["hidden_dim"] = 32
+    (other / "refine" / "config.json").write_text(json.dumps(card))
+    code = main(["predict", str(tmp_path), "--out", str(tmp_path / "out"), "--model", str(other / "refine")])
     assert code == 2
     err = capsys.readouterr().err
     assert "model.safetensors" in err and "different model" in err
@@ -153,7 +166,58 @@ def test_help_lists_every_command(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["--help"])
     text = capsys.readouterr().out
-    for command in ("demo", "adapt-teacher", "distill", "refine", "evaluate", "predict", "export",
-                    "compare-sampling", "ablate"):
+    for command in ("run", "demo", "show-config", "adapt-teacher", "distill", "refine", "baseline", "evaluate",
+                    "predict", "export", "compare-sampling", "ablate"):
         assert command in text
     assert os.environ.get("OMP_WAIT_POLICY", "PASSIVE")  # the CLI module sets no global state on import
+
+
+def test_show_config_prints_defaults_file_and_overrides_resolved(capsys) -> None:
+    import yaml
+
+    from reference_pipeline.config import PipelineConfig, config_from_dict
+
+    assert main(["show-config", "--set", "distill.train.steps=7", "--set", "contrast.memory_bank=64"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    cfg = config_from_dict(PipelineConfig, shown)  # complete: every key, loadable back
+    assert cfg.distill.train.steps == 7 and cfg.contrast.memory_bank == 64
+    assert cfg.student.hidden_dim == 64  # from configs/demo.yaml, the default --config
+    assert cfg.criterion.class_weight == PipelineConfig().criterion.class_weight  # a default the file leaves alone
+
+
+def test_every_stage_folder_holds_the_config_it_ran_with_and_describes_its_model(quick_run) -> None:
+    import yaml
+
+    from reference_pipeline.trained import load_trained
+
+    _, run = quick_run
+    for stage in ("teacher_finetune", "teacher_self_train", "distill", "refine", "baseline"):
+        ran_with = yaml.safe_load((run / stage / "run_config.yaml").read_text())
+        assert ran_with["run_dir"] == str(run)
+        model, card = load_trained(run / stage)  # no config, no dataset
+        assert card.stage == stage and card.kind == ("pipeline" if stage.startswith("teacher") else "student")
+        assert card.class_names and len(card.category_ids) == len(card.class_names)
+        assert not model.training
+
+
+def test_no_resume_recomputes_the_stage(quick_run, tmp_path: Path) -> None:
+    common, run = quick_run
+    other = tmp_path / "run"
+    shutil.copytree(run, other, symlinks=True)
+    weights = other / "refine" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    (other / "refine" / "stale.txt").write_text("left by an earlier run")
+    assert main(["refine", *common, "--run-dir", str(other), "--no-resume"]) == 0
+    assert weights.stat().st_mtime_ns != before and not (other / "refine" / "stale.txt").exists()
+
+
+def test_a_bug_inside_the_model_keeps_its_traceback(quick_run, monkeypatch: pytest.MonkeyPatch) -> None:
+    from reference_pipeline.models.student import Student
+
+    def broken(self, images):
+        raise ValueError("a bug in the model")  # not a UserError: must not be turned into a one-line message
+
+    monkeypatch.setattr(Student, "forward", broken)
+    common, _ = quick_run
+    with pytest.raises(ValueError, match="a bug in the model"):
+        main(["evaluate", *common, "--stage", "refine"])
