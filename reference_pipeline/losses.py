@@ -433,7 +433,8 @@ def pixel_contrast_term(
         instance_ids: ground-truth instance ids of the weak view for the false-negative rate
             (negative ids are ignored), at any resolution (resized nearest by the library).
         prediction_source: outputs whose mask and class logits drive the sampler; default the
-            weak view's own outputs. In distillation, the frozen teacher's outputs on the weak view.
+            weak view's own outputs (what the stages use: the trained model's own predictions, as in the
+            paper's Sec. 3.2); another model's outputs on the weak view can be given instead.
         generator: random generator for anchor subsampling and negative sampling.
 
     Shape:

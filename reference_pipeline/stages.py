@@ -42,7 +42,7 @@ from torch import nn
 from instcontrast import InstanceAwarePixelContrast, PixelMemoryBank
 
 from .atomic import atomic_write_text
-from .checkpoint import check_writable, load_weights
+from .checkpoint import check_writable, load_weights, save_weights
 from .config import STAGES, ContrastConfig, PipelineConfig, StageConfig, TrainConfig, config_to_dict, save_config
 from .config import stage as stage_entry
 from .data import CityscapesInstanceDataset, CocoInstanceDataset, SubsetDataset, make_label_split
@@ -66,7 +66,7 @@ from .losses import Objective, SetCriterion
 from .models.demo import DEMO_TEACHER_NAME
 from .models.student import Student, count_parameters
 from .pseudo_labels import pseudo_label
-from .trained import describe, load_trained, save_trained
+from .trained import CARD_FILE, describe, load_trained, save_trained
 
 __all__ = [
     "Datasets",
@@ -304,10 +304,15 @@ def train_stage(
     logs = {k: float(v) for k, v in outcome.train_metrics.items() if isinstance(v, (int, float))}
     result = StageResult(name, final, float(outcome.wall_time), int(outcome.step), logs)
     if info.is_main:  # one writer; the others wait so the next stage finds the weights
-        card = describe(model, kind=_model_kind(cfg, name), stage=name, class_names=datasets.class_names,
-                        category_ids=getattr(datasets, "category_ids", None), image_size=cfg.data.image_size,
-                        top_k=cfg.eval.top_k)
-        save_trained(model, run, card)
+        try:
+            card = describe(model, kind=_model_kind(cfg, name), stage=name, class_names=datasets.class_names,
+                            category_ids=getattr(datasets, "category_ids", None), image_size=cfg.data.image_size,
+                            top_k=cfg.eval.top_k)
+        except TypeError:  # a model of the caller's own: its weights only
+            logger.warning("stage %s: %s cannot describe itself; writing its weights only", name, type(model).__name__)
+            save_weights(getattr(model, "module", model), final)
+        else:
+            save_trained(model, run, card)
         atomic_write_text(result_file, json.dumps({"wall_time": result.wall_time, "steps": result.steps,
                                                     "final_logs": result.final_logs}))
     barrier(info)
@@ -617,7 +622,15 @@ def load_stage_model(cfg: PipelineConfig, datasets: Datasets, stage: str) -> nn.
         raise UserError(f"unknown stage {stage!r}; expected one of {list(EVALUABLE)}")
     if stage == "teacher_zero_shot":
         return pretrained_teacher(cfg, datasets, progress=False)[0]
-    model, _ = load_trained(_require(cfg, stage).parent)
+    weights = _require(cfg, stage)
+    if (weights.parent / CARD_FILE).is_file():
+        return load_trained(weights.parent)[0]
+    # a folder written before models described themselves (or by a model that cannot): build it from cfg
+    if EVALUABLE[stage] == "teacher":
+        model = build_teacher(cfg, datasets.class_names)
+    else:
+        model = build_student(cfg, len(datasets.class_names))
+    load_weights(model, weights)
     return model
 
 

@@ -393,20 +393,22 @@ def test_importing_the_triton_module_without_triton_raises_with_hint(
         importlib.import_module("instcontrast.ops.triton")
 
 
-def test_environment_variable_overrides(clean_backend_env: pytest.MonkeyPatch) -> None:
+def test_environment_variable_chooses_only_where_the_code_does_not(clean_backend_env: pytest.MonkeyPatch) -> None:
     clean_backend_env.setenv(backend_module.ENV_VARIABLE, "reference")
-    backend = resolve_backend("chunked")
+    backend = resolve_backend(None)
     assert backend.name == "reference"
     assert backend.op_for(torch.zeros(1)) is sampled_logsumexp_reference
+    assert resolve_backend("chunked").name == "chunked"  # an explicit argument wins
     clean_backend_env.setenv(backend_module.ENV_VARIABLE, "chunked")
-    assert resolve_backend("reference").op_for(torch.zeros(1)) is sampled_logsumexp_chunked
+    assert resolve_backend(None).op_for(torch.zeros(1)) is sampled_logsumexp_chunked
+    assert resolve_backend("reference").op_for(torch.zeros(1)) is sampled_logsumexp_reference
     clean_backend_env.setenv(backend_module.ENV_VARIABLE, "triton")
     clean_backend_env.setattr(backend_module, "triton_is_available", lambda: False)
     with pytest.raises(ImportError, match=re.escape(TRITON_INSTALL_HINT)):
-        resolve_backend("chunked")
+        resolve_backend(None)
     clean_backend_env.setenv(backend_module.ENV_VARIABLE, "fastest")
     with pytest.raises(ValueError, match=backend_module.ENV_VARIABLE):
-        resolve_backend("chunked")
+        resolve_backend(None)
 
 
 def test_auto_without_cuda_or_with_broken_kernels_resolves_to_chunked(clean_backend_env: pytest.MonkeyPatch) -> None:

@@ -67,7 +67,7 @@ class Recorder:
         save_weights(model, path)
         return stages.StageResult(name, path, 0.0, 1, {})
 
-    def make_pseudo_labels(self, teacher, cfg, datasets, path, *, progress=True):
+    def make_pseudo_labels(self, teacher, cfg, datasets, path, *, resume=True, progress=True):
         self.labelled.append({"teacher": float(teacher.weight.detach()), "path": Path(path),
                               "frozen": not any(p.requires_grad for p in teacher.parameters())})
         return {"made_by": float(teacher.weight.detach())}
