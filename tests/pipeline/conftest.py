@@ -125,3 +125,38 @@ def tiny_mask2former(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def mask2former_writer():
     """:func:`save_tiny_mask2former`, for tests that need a checkpoint with their own labels or processor."""
     return save_tiny_mask2former
+
+
+#: Tiny sizes for whole-method runs on the user dataset (seconds per stage on one CPU thread).
+TINY_MODEL = ("encoder=efficientnet_lite0", "encoder_weights=null", "neck=fpn", "neck_channels=16", "hidden_dim=16",
+              "decoder_layers=1", "num_queries=4", "num_heads=2", "feedforward_dim=32", "projection_hidden_dim=8",
+              "embedding_dim=8")
+TINY_STAGES = ("teacher_pretrain", "teacher_finetune", "teacher_self_train", "distill", "refine", "baseline")
+
+
+@pytest.fixture(scope="session")
+def user_run_config(user_coco):
+    """``(run_dir, *overrides) -> PipelineConfig``: the user dataset, tiny models and 2-step stages on the CPU."""
+    from reference_pipeline.pipeline_config import load_pipeline_config
+
+    def make(run_dir: Path, *overrides: str):
+        base = [
+            "data.format=coco", f"data.root={user_coco['root']}", f"data.train_annotations={user_coco['train_annotations']}",
+            f"data.val_annotations={user_coco['val_annotations']}", f"data.val_images={user_coco['val_images']}",
+            f"data.unlabeled_images={user_coco['unlabeled_images']}", "data.image_size=[48,64]", f"run_dir={run_dir}",
+            "contrast.num_negatives=8", "eval.batch_size=2", "eval.latency_repeats=1", "teacher_kind=pipeline",
+            *[f"{model}.{setting}" for model in ("student", "demo_teacher") for setting in TINY_MODEL],
+            "transformers_teacher.embedding_dim=8", "transformers_teacher.projection_hidden_dim=16",
+        ]
+        for stage in TINY_STAGES:
+            base += [f"{stage}.train.steps=2", f"{stage}.train.batch_size=2", f"{stage}.train.num_workers=0",
+                     f"{stage}.train.device=cpu", f"{stage}.train.checkpoint_every=0", f"{stage}.train.log_every=1"]
+        return load_pipeline_config(None, [*base, *overrides])
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def coco_writer():
+    """:func:`write_user_coco`, for tests that need a COCO dataset with their own categories."""
+    return write_user_coco
