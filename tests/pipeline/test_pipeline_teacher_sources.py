@@ -83,9 +83,10 @@ def test_the_cache_key_follows_the_source_file_and_the_class_names(user_run_conf
     assert teachers.pipeline_teacher_cache(cfg, ["Widget"]) == first
     assert teachers.pipeline_teacher_cache(cfg, ["Widget", "bolt"]) != first
     source_json.write_text(source_json.read_text() + " ")  # the source changed: another teacher
-    assert teachers.pipeline_teacher_cache(cfg, ["Widget"]) != first
-    os.utime(source_json, ns=(1, 1))
-    assert teachers.pipeline_teacher_cache(cfg, ["Widget"]) != first
+    edited = teachers.pipeline_teacher_cache(cfg, ["Widget"])
+    assert edited != first
+    os.utime(source_json, ns=(1, 1))  # same size, another modification time
+    assert teachers.pipeline_teacher_cache(cfg, ["Widget"]) != edited
     none = user_run_config(tmp_path / "run", "teacher_pretrain.source=none")
     with pytest.raises(ValueError, match="not pretrained"):
         teachers.pipeline_teacher_cache(none, ["Widget"])

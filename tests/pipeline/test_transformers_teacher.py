@@ -102,14 +102,18 @@ def test_oneformer_and_other_model_types_are_rejected_by_name(tmp_path: Path) ->
             _teacher(folder, ["widget"])
 
 
-def test_it_trains_with_dropout_and_splits_encoder_and_decoder_parameters(tiny_mask2former) -> None:
-    teacher = _teacher(tiny_mask2former, ["widget"]).train()  # saved with dropout 0.1 (= layer drop in transformers)
+def test_it_trains_with_dropout_and_splits_encoder_and_decoder_parameters(
+    tiny_mask2former, mask2former_writer, tmp_path: Path
+) -> None:
+    dropping = mask2former_writer(tmp_path / "ckpt", ["widget"], dropout=0.9)  # transformers: layer drop 0.9
+    teacher = _teacher(dropping, ["widget"]).train()
     groups = teacher.parameter_groups()
     ids = [id(p) for group in groups.values() for p in group]
     assert len(ids) == len(set(ids)) == len(list(teacher.parameters()))
     assert {id(p) for p in teacher.model.model.pixel_level_module.encoder.parameters()} == {id(p) for p in groups["encoder"]}
-    for _ in range(3):  # a dropped layer would break the next one's attention mask
+    for _ in range(3):  # a dropped layer skips its prediction (and breaks the next one's attention mask)
         out = teacher(torch.rand(2, 3, 40, 56))
+        assert len(out.aux_outputs) == 2  # every decoder layer predicts, in training too
         loss = out.mask_logits.mean() + out.class_logits.mean() + out.pixel_embeddings.mean()
         loss = loss + sum(aux["masks_queries_logits"].mean() for aux in out.aux_outputs)
         loss.backward()
