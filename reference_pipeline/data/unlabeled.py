@@ -109,7 +109,9 @@ class CocoImageListDataset:
             raise ValueError(f"{self.annotation_file} is not valid JSON ({error})") from error
         images = data.get("images") if isinstance(data, dict) else None
         if not isinstance(images, list):
-            raise ValueError(f"{self.annotation_file}: expected a top-level 'images' list of {{id, file_name}}")
+            raise ValueError(  # noqa: TRY004 (a malformed file: the CLI reports ValueError in one line)
+                f"{self.annotation_file}: expected a top-level 'images' list of {{id, file_name}}"
+            )
         try:
             self.image_ids: list[int] = [int(image["id"]) for image in images]
             self.file_names: list[str] = [str(image["file_name"]) for image in images]
