@@ -12,7 +12,7 @@ Expensive prefixes are shared instead of recomputed:
 
 * the demo teacher's pretraining on the synthetic ``source`` domain (the stand-in for a foundation
   model, fixed across seeds as the paper's foundation models are) is done once and linked into the
-  per-seed cache :func:`~reference_pipeline.stages.demo_teacher_cache` looks in;
+  per-seed cache :func:`~reference_pipeline.teachers.pipeline_teacher_cache` looks in;
 * teacher adaptation runs once per ``(seed, teacher-affecting settings)`` in
   ``<root>/_shared/teachers/<digest>/``; a cell links that teacher's weights and pseudo-labels into its own
   ``teacher_self_train/model.safetensors`` and ``pseudo_labels_teacher_self_train.json`` before
@@ -60,6 +60,7 @@ from .checkpoint import save_weights
 from .config import ConfigError, PipelineConfig, config_from_dict, config_to_dict, load_pipeline_config
 from .engine import read_metrics
 from .errors import UserError
+from .teachers import pretrains_teacher
 
 __all__ = [
     "METRICS",
@@ -416,8 +417,9 @@ def _digest(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-_TEACHER_KEYS = ("seed", "data", "teacher_kind", "foundation_teacher", "demo_teacher", "criterion", "contrast",
-                 "pseudo_labels", "teacher_pretrain", "teacher_finetune", "teacher_self_train", "eval")
+_TEACHER_KEYS = ("seed", "data", "teacher_kind", "foundation_teacher", "transformers_teacher", "demo_teacher",
+                 "criterion", "contrast", "pseudo_labels", "teacher_pretrain", "teacher_finetune", "teacher_self_train",
+                 "eval")
 
 
 def teacher_key(cfg: PipelineConfig) -> str:
@@ -460,15 +462,15 @@ def _seeded(cfg: PipelineConfig, seed: int) -> PipelineConfig:
 
 
 def _share_pretrained_teacher(cfg: PipelineConfig, base_seed: int, datasets: stages.Datasets) -> None:
-    """Pretrain the demo teacher once (``base_seed``) and link it into the cache of ``cfg.seed``."""
-    if cfg.teacher_kind != "demo":
+    """Pretrain the pipeline teacher once (``base_seed``) and link it into the cache of ``cfg.seed``."""
+    if not pretrains_teacher(cfg):
         return
-    target = stages.demo_teacher_cache(cfg)
+    target = stages.pipeline_teacher_cache(cfg, datasets.class_names)
     if (target / stages.WEIGHTS_FILE).is_file() and (target / "result.json").is_file():
         return
     source_cfg = _seeded(cfg, base_seed)
     stages.pretrained_teacher(source_cfg, datasets, progress=False)
-    source = stages.demo_teacher_cache(source_cfg)
+    source = stages.pipeline_teacher_cache(source_cfg, datasets.class_names)
     if source != target:
         link_or_copy(source / stages.WEIGHTS_FILE, target / stages.WEIGHTS_FILE)
         link_or_copy(source / "result.json", target / "result.json")

@@ -24,6 +24,7 @@ from .losses import CriterionConfig
 from .models.demo import demo_teacher_config
 from .models.student import StudentConfig
 from .models.teacher import TeacherConfig
+from .models.transformers_teacher import TransformersTeacherConfig
 from .pseudo_labels import PseudoLabelConfig
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "DataConfig",
     "EvalConfig",
     "PipelineConfig",
+    "PretrainStageConfig",
     "QUICK_OVERRIDES",
     "STAGES",
     "Stage",
@@ -160,13 +162,20 @@ class DataConfig:
         format: ``"synthetic"`` (the built-in dataset, generated under ``root`` on first use),
             ``"coco"`` (any COCO-format folder), ``"cityscapes"`` or ``"ade20k"``.
         root: dataset folder (synthetic / Cityscapes / ADE20K) or COCO image root.
-        train_annotations: COCO-format only: instances JSON of the training images.
-        val_annotations: COCO-format only: instances JSON of the validation images.
+        train_annotations: COCO-format only: instances JSON of the training images (all labeled by default).
+        val_annotations: COCO-format only: instances JSON of the validation images (same categories).
         val_images: COCO-format only: image folder of the validation split (default: ``root``).
-        label_fraction: fraction of the training images used as labeled (the rest is unlabeled),
-            e.g. 0.1 for the paper's 10 % setting; the synthetic dataset's labeled pool is
-            ``target_labeled`` and this fraction is taken from it.
-        split_seed: seed of the labeled split.
+        unlabeled_images: a folder of unlabeled images (any sizes; grayscale / RGBA / 16-bit are read as
+            RGB), or with ``unlabeled_annotations`` the folder its file names are relative to (default ``root``).
+        unlabeled_annotations: a COCO JSON listing the unlabeled images (``images``: ``id``, ``file_name``);
+            its annotations are ignored.
+        split_file: labeled image ids, one per line (:func:`~reference_pipeline.data.splits.read_split_file`);
+            the other training images become the unlabeled set.
+        label_fraction: fraction of the training images kept labeled; 1.0 (the default) keeps every
+            annotated image labeled. Below 1, a seeded draw keeps that fraction labeled and the rest
+            becomes the unlabeled set (the paper's 10 % setting: 0.1); the synthetic dataset draws it from
+            its ``target_labeled`` pool and keeps its own unlabeled split.
+        split_seed: seed of the labeled draw.
         image_size: ``(height, width)`` of the training views and of evaluation inputs.
         synthetic_size: synthetic only: images per split ``(source_train, target_labeled,
             target_unlabeled, target_val)``.
@@ -182,6 +191,9 @@ class DataConfig:
     train_annotations: str = ""
     val_annotations: str = ""
     val_images: str = ""
+    unlabeled_images: str = ""
+    unlabeled_annotations: str = ""
+    split_file: str = ""
     label_fraction: float = 1.0
     split_seed: int = 0
     image_size: tuple[int, int] = (512, 1024)
@@ -194,6 +206,16 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.label_fraction <= 1.0:
             raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
+        if self.split_file and self.label_fraction < 1.0:
+            raise ValueError("set either data.split_file or data.label_fraction < 1 (both choose the labeled images)")
+        unlabeled_given = bool(self.unlabeled_images or self.unlabeled_annotations)
+        if unlabeled_given and self.format == "synthetic":
+            raise ValueError("data.unlabeled_images / unlabeled_annotations: the synthetic dataset has its own unlabeled split")
+        if unlabeled_given and (self.split_file or self.label_fraction < 1.0):
+            raise ValueError(
+                "data.label_fraction < 1 / data.split_file make the rest of the training images the unlabeled set; "
+                "do not also set data.unlabeled_images / unlabeled_annotations (use one source of unlabeled images)"
+            )
         if len(self.image_size) != 2 or min(self.image_size) < 16:
             raise ValueError(f"image_size must be (height, width) >= 16, got {self.image_size}")
         if self.max_val_images < 0:
@@ -243,6 +265,32 @@ class StageConfig:
             raise ValueError(f"loss weights must be >= 0, got λ_semi={self.lambda_semi}, λ_pxl={self.lambda_pxl}")
 
 
+@dataclass
+class PretrainStageConfig(StageConfig):
+    """Pretraining of the pipeline teacher (``teacher_kind="pipeline"``) before adaptation: a stage plus its data.
+
+    Attributes:
+        source: what the teacher is pretrained on (supervised set criterion only): ``"synthetic"`` (the
+            built-in dataset's source domain; needs ``data.format=synthetic``), the path of a COCO
+            instances JSON (its classes are matched to the dataset's by name, case-insensitively; instances
+            of classes the dataset lacks are dropped; at least one class must match), or ``"none"`` (no
+            pretraining: adaptation starts from the ImageNet encoder and a fresh decoder).
+        source_images: COCO source only: the image folder its ``file_name`` entries are relative to
+            (default: the JSON's folder).
+        cache_dir: where the pretrained teacher is cached for later runs (``""``: beside the source: the
+            synthetic dataset's folder, or the COCO JSON's folder).
+    """
+
+    source: str = "synthetic"
+    source_images: str = ""
+    cache_dir: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.source.strip():
+            raise ValueError('teacher_pretrain.source must be "synthetic", "none" or the path of a COCO JSON, got ""')
+
+
 def _teacher_stage(steps: int, lambda_semi: float) -> StageConfig:
     return StageConfig(
         train=TrainConfig(
@@ -252,6 +300,11 @@ def _teacher_stage(steps: int, lambda_semi: float) -> StageConfig:
         lambda_semi=lambda_semi,
         lambda_pxl=0.2,
     )
+
+
+def _pretrain_stage(steps: int) -> PretrainStageConfig:
+    stage = _teacher_stage(steps, 0.0)
+    return PretrainStageConfig(train=stage.train, lambda_semi=stage.lambda_semi, lambda_pxl=stage.lambda_pxl)
 
 
 def _student_stage(steps: int, lambda_semi: float, lambda_pxl: float) -> StageConfig:
@@ -295,17 +348,21 @@ class PipelineConfig:
             ``run_dir/seeds/seed<k>``; the report states every ordering against the seed spread.
         threads: CPU threads for torch (0 = leave torch's default).
         data: the dataset.
-        teacher_kind: ``"foundation"`` (Grounding-DINO + SAM2 from local weights, the paper's teacher)
-            or ``"demo"`` (a larger model of the student's architecture pretrained on the synthetic
-            ``source`` domain; it only stands in for a foundation model).
+        teacher_kind: ``"foundation"`` (Grounding-DINO + SAM2 from local weights, the paper's teacher),
+            ``"transformers"`` (a Mask2Former / MaskFormer checkpoint folder, its classes matched to the
+            dataset's by name), ``"pipeline"`` (a larger model of the pipeline's own architectures,
+            pretrained as ``teacher_pretrain.source`` says; it only stands in for a foundation model) or
+            ``"demo"`` (another name of ``"pipeline"``, kept for existing configs).
         foundation_teacher: settings of the foundation teacher (``class_names`` are taken from the dataset).
-        demo_teacher: architecture of the demo teacher (``num_classes`` is taken from the dataset).
+        transformers_teacher: settings of the ``transformers`` checkpoint teacher.
+        demo_teacher: architecture of the pipeline teacher (``num_classes`` is taken from the dataset; the
+            key keeps its first name).
         student: the student's architecture (default: the paper's DINOv2-S student; ``num_classes`` is
             taken from the dataset).
         criterion: the set criterion's weights (mask 5, dice 5, class 2, no-object 0.1).
         contrast: the pixel contrastive term.
         pseudo_labels: how teacher outputs become pseudo-instances (threshold 0.3).
-        teacher_pretrain: demo only: pretraining of the demo teacher on the source domain.
+        teacher_pretrain: pipeline teacher only: its pretraining (``source``, loop, loss weights).
         teacher_finetune: stage 1a: fine-tune the teacher on the labeled split (``J(θ; Dˡ, ∅, λ_pxl)``).
         teacher_self_train: stage 1b: re-initialise from the pretrained teacher, train on labeled +
             pseudo-labeled data.
@@ -320,14 +377,15 @@ class PipelineConfig:
     student_seeds: int = 1
     threads: int = 0
     data: DataConfig = field(default_factory=DataConfig)
-    teacher_kind: Literal["foundation", "demo"] = "foundation"
+    teacher_kind: Literal["foundation", "transformers", "pipeline", "demo"] = "foundation"
     foundation_teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(class_names=("object",)))
+    transformers_teacher: TransformersTeacherConfig = field(default_factory=TransformersTeacherConfig)
     demo_teacher: StudentConfig = field(default_factory=lambda: demo_teacher_config(num_classes=1))
     student: StudentConfig = field(default_factory=lambda: StudentConfig.paper(num_classes=1))
     criterion: CriterionConfig = field(default_factory=CriterionConfig)
     contrast: ContrastConfig = field(default_factory=ContrastConfig)
     pseudo_labels: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
-    teacher_pretrain: StageConfig = field(default_factory=lambda: _teacher_stage(5000, 0.0))
+    teacher_pretrain: PretrainStageConfig = field(default_factory=lambda: _pretrain_stage(5000))
     teacher_finetune: StageConfig = field(default_factory=lambda: _teacher_stage(1000, 0.0))
     teacher_self_train: StageConfig = field(default_factory=lambda: _teacher_stage(5000, 1.0))
     distill: StageConfig = field(default_factory=lambda: _student_stage(90000, 1.0, 0.2))
@@ -348,7 +406,8 @@ def load_pipeline_config(path: str | None, overrides: Sequence[str] = ()) -> Pip
 
 def stage_names() -> list[str]:
     """Names of the :class:`StageConfig` fields of :class:`PipelineConfig`, in pipeline order."""
-    return [f.name for f in dataclasses.fields(PipelineConfig) if f.type in ("StageConfig", StageConfig)]
+    return [f.name for f in dataclasses.fields(PipelineConfig)
+            if f.type in ("StageConfig", StageConfig, "PretrainStageConfig", PretrainStageConfig)]
 
 
 # ---------------------------------------------------------------------------------- stage names

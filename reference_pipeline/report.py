@@ -24,6 +24,7 @@ from .config import STAGES, PipelineConfig
 from .data.structures import InstanceSample
 from .engine import read_metrics
 from .evaluate import InstancePredictions, postprocess_mask2former
+from .teachers import PIPELINE_KINDS, pipeline_teacher_cache, pretrains_teacher
 from .visualize import OverlayPanel, panel_from_predictions, panel_from_sample, save_overlay_grid
 
 __all__ = ["STAGE_LABELS", "OrderCheck", "order_verdict", "paper_order_checks", "seed_values", "write_report"]
@@ -239,10 +240,24 @@ def _overlays(cfg: PipelineConfig, path: Path) -> bool:
 
 def _model_description(cfg: PipelineConfig, name: str) -> str:
     if name.startswith("teacher"):
-        if cfg.teacher_kind == "demo":
-            return "demo teacher (" + _architecture(cfg.demo_teacher) + "; stands in for Grounding-DINO + SAM2)"
+        if cfg.teacher_kind in PIPELINE_KINDS:
+            return "pipeline teacher (" + _architecture(cfg.demo_teacher) + "; stands in for Grounding-DINO + SAM2)"
+        if cfg.teacher_kind == "transformers":
+            return f"transformers checkpoint `{cfg.transformers_teacher.path}`"
         return "Grounding-DINO + SAM2"
     return "student (" + _architecture(cfg.student) + ")"
+
+
+def _teacher_sentence(cfg: PipelineConfig) -> str:
+    if cfg.teacher_kind in PIPELINE_KINDS:
+        source = cfg.teacher_pretrain.source
+        pretraining = {"synthetic": "pretrained on the synthetic `source` domain",
+                       "none": "not pretrained beyond its ImageNet encoder"}.get(source, f"pretrained on `{source}`")
+        return (f"a **pipeline teacher** — a larger model of the student's architecture, {pretraining}. It stands in "
+                "for the paper's Grounding-DINO + SAM2 foundation teacher; it is not one.")
+    if cfg.teacher_kind == "transformers":
+        return f"the `transformers` checkpoint `{cfg.transformers_teacher.path}`, its classes matched to the dataset's by name."
+    return "Grounding-DINO + SAM2 loaded from local weights."
 
 
 def _architecture(config: Any) -> str:
@@ -263,10 +278,11 @@ def write_report(cfg: PipelineConfig, results: Mapping[str, Mapping[str, float]]
     ceiling_file = run / "resolution_ceiling.json"
     ceiling = json.loads(ceiling_file.read_text()) if ceiling_file.is_file() else None
     extra = {}
-    if cfg.teacher_kind == "demo":
-        from .stages import demo_teacher_cache
+    if pretrains_teacher(cfg):
+        from . import stages
 
-        extra["teacher pretraining (source)"] = demo_teacher_cache(cfg) / "metrics.jsonl"
+        names = stages.load_datasets(cfg, progress=False).class_names if cfg.teacher_pretrain.source != "synthetic" else ()
+        extra["teacher pretraining (source)"] = pipeline_teacher_cache(cfg, names) / "metrics.jsonl"
     has_curves = _plot_learning_curves(run, run / "learning_curves.png", ceiling["AP"] if ceiling else None, extra)
     lines = [
         "# Three-stage distillation: demo report",
@@ -280,11 +296,7 @@ def write_report(cfg: PipelineConfig, results: Mapping[str, Mapping[str, float]]
          f"{ceiling['AP']:.1f} mask AP ({ceiling['AP50']:.1f} AP50) on these validation images "
          "(`reference_pipeline.evaluate.resolution_ceiling`)." if ceiling else "Resolution ceiling: not measured."),
         "",
-        "Teacher: " + (
-            "a **demo teacher** — a larger model of the student's architecture pretrained on the synthetic `source` "
-            "domain. It stands in for the paper's Grounding-DINO + SAM2 foundation teacher; it is not one."
-            if cfg.teacher_kind == "demo" else "Grounding-DINO + SAM2 loaded from local weights."
-        ),
+        "Teacher: " + _teacher_sentence(cfg),
         "",
         ("| model | architecture | mask AP | AP50 | mask AP over seeds | parameters | CPU latency / image | "
          "stage wall time |"),

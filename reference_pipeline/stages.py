@@ -30,7 +30,6 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -45,10 +44,9 @@ from .atomic import atomic_write_text
 from .checkpoint import check_writable, load_weights, save_weights
 from .config import STAGES, ContrastConfig, PipelineConfig, StageConfig, TrainConfig, config_to_dict, save_config
 from .config import stage as stage_entry
-from .data import CityscapesInstanceDataset, CocoInstanceDataset, SubsetDataset, make_label_split
-from .data.ade20k import ADE20KInstanceDataset
 from .data.augment import StrongViewConfig, TwoViewTransform, WeakViewConfig
 from .data.coco import encode_mask
+from .data.loading import Datasets, _first, load_datasets, require_unlabeled  # noqa: F401 (_first: report.py)
 from .data.semi import (
     PseudoInstances,
     PseudoLabeledDataset,
@@ -56,16 +54,14 @@ from .data.semi import (
     TwoViewDataset,
     collate_semi,
 )
-from .data.structures import InstanceDataset
-from .data.synthetic import GENERATOR_VERSION, SyntheticConfig, generate_dataset, load_synthetic_split
 from .engine import barrier, distributed_info, resolve_device, train
 from .errors import UserError
 from .evaluate import CocoMaskEvaluator
 from .inference import evaluate_model, predict_dataset
 from .losses import Objective, SetCriterion
-from .models.demo import DEMO_TEACHER_NAME
 from .models.student import Student, count_parameters
 from .pseudo_labels import pseudo_label
+from .teachers import build_teacher, demo_teacher_cache, pipeline_teacher_cache, pretrained_teacher
 from .trained import CARD_FILE, describe, load_trained, save_trained
 
 __all__ = [
@@ -75,11 +71,13 @@ __all__ = [
     "build_contrast",
     "build_student",
     "build_teacher",
+    "demo_teacher_cache",
     "distill",
     "evaluate_stage",
     "load_datasets",
     "load_stage_model",
     "make_pseudo_labels",
+    "pipeline_teacher_cache",
     "pretrained_teacher",
     "refine",
     "supervised_baseline",
@@ -92,82 +90,6 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 # ----------------------------------------------------------------------------------------- data
-@dataclass
-class Datasets:
-    """The splits a run uses.
-
-    Attributes:
-        labeled: labeled training images ``Dˡ``.
-        unlabeled: unlabeled training images ``Dᵘ`` (their annotations, if any, feed diagnostics only).
-        val: evaluation images.
-        source: synthetic only: the source domain the demo teacher is pretrained on.
-        class_names: class index -> name.
-    """
-
-    labeled: InstanceDataset
-    unlabeled: InstanceDataset
-    val: InstanceDataset
-    source: InstanceDataset | None
-    class_names: list[str]
-
-
-def _split(dataset: InstanceDataset, fraction: float, seed: int) -> tuple[InstanceDataset, InstanceDataset]:
-    ids = [int(i) for i in dataset.image_ids]
-    if not ids:
-        where = getattr(dataset, "annotation_file", None) or getattr(dataset, "root", "the training set")
-        raise UserError(f"the labeled split is empty: {where} holds no training images")
-    labeled_ids = make_label_split(ids, fraction, seed=seed)
-    chosen = set(labeled_ids)
-    return SubsetDataset(dataset, labeled_ids), SubsetDataset(dataset, [i for i in ids if i not in chosen])
-
-
-def _first(dataset: InstanceDataset, count: int) -> InstanceDataset:
-    if count <= 0 or count >= len(dataset):
-        return dataset
-    return SubsetDataset(dataset, [int(i) for i in list(dataset.image_ids)[:count]])
-
-
-def load_datasets(cfg: PipelineConfig, *, progress: bool = True) -> Datasets:
-    """Open (and for the synthetic format, generate on first use) the run's splits.
-
-    Raises:
-        FileNotFoundError: if a dataset path is missing (the message names it and the expected layout).
-        ValueError: if the labeled split would be empty.
-    """
-    data = cfg.data
-    source = None
-    if data.format == "synthetic":
-        source_n, labeled_n, unlabeled_n, val_n = data.synthetic_size
-        synthetic = SyntheticConfig(
-            image_size=data.synthetic_image_size, source_train=source_n, target_labeled=labeled_n,
-            target_unlabeled=unlabeled_n, target_val=val_n, seed=data.synthetic_seed,
-            object_scale=data.synthetic_object_scale,
-        )
-        root = generate_dataset(data.root, synthetic, progress=progress)
-        pool = load_synthetic_split(root, "target_labeled")
-        labeled = _split(pool, data.label_fraction, data.split_seed)[0] if data.label_fraction < 1.0 else pool
-        unlabeled = load_synthetic_split(root, "target_unlabeled")
-        val = load_synthetic_split(root, "target_val")
-        source = load_synthetic_split(root, "source_train")
-    elif data.format == "coco":
-        if not data.train_annotations or not data.val_annotations:
-            raise UserError("data.format=coco needs data.train_annotations and data.val_annotations (COCO JSON paths)")
-        train_set = CocoInstanceDataset(data.train_annotations, data.root)
-        labeled, unlabeled = _split(train_set, data.label_fraction, data.split_seed)
-        val = CocoInstanceDataset(data.val_annotations, data.val_images or data.root)
-    elif data.format == "cityscapes":
-        labeled, unlabeled = _split(CityscapesInstanceDataset(data.root, "train"), data.label_fraction, data.split_seed)
-        val = CityscapesInstanceDataset(data.root, "val")
-    else:
-        labeled, unlabeled = _split(ADE20KInstanceDataset(data.root, "training"), data.label_fraction, data.split_seed)
-        val = ADE20KInstanceDataset(data.root, "validation")
-    if len(labeled) == 0:
-        raise UserError(
-            f"the labeled split is empty (format={data.format}, root={data.root}, label_fraction={data.label_fraction})"
-        )
-    return Datasets(labeled, unlabeled, _first(val, data.max_val_images), source, list(labeled.class_names))
-
-
 def view_transform(cfg: PipelineConfig) -> TwoViewTransform:
     """Weak view (flip + resize) and strong view (crop + flip + photometric) at ``data.image_size``."""
     size = tuple(cfg.data.image_size)
@@ -182,15 +104,6 @@ def build_student(cfg: PipelineConfig, num_classes: int) -> Student:
 
 def _with_classes(config: Any, num_classes: int) -> Any:
     return replace(config, num_classes=num_classes)
-
-
-def build_teacher(cfg: PipelineConfig, class_names: Sequence[str]) -> nn.Module:
-    """The teacher (untrained demo model, or the foundation ensemble loaded from local weights)."""
-    if cfg.teacher_kind == "demo":
-        return Student(_with_classes(cfg.demo_teacher, len(class_names)))
-    from .models.teacher import FoundationTeacher
-
-    return FoundationTeacher.from_pretrained_dirs(replace(cfg.foundation_teacher, class_names=tuple(class_names)))
 
 
 def build_contrast(config: ContrastConfig) -> InstanceAwarePixelContrast:
@@ -505,61 +418,13 @@ def _require(cfg: PipelineConfig, stage: str) -> Path:
     return path
 
 
-def demo_teacher_cache(cfg: PipelineConfig) -> Path:
-    """Folder of the pretrained demo teacher, beside the dataset, keyed by everything that shapes it."""
-    import hashlib
-
-    from .config import config_to_dict
-
-    key = {
-        "teacher": config_to_dict(cfg.demo_teacher),
-        "pretrain": config_to_dict(cfg.teacher_pretrain),
-        "criterion": config_to_dict(cfg.criterion),
-        "image_size": list(cfg.data.image_size),
-        "data": [cfg.data.synthetic_size, cfg.data.synthetic_image_size, cfg.data.synthetic_seed,
-                 cfg.data.synthetic_object_scale, GENERATOR_VERSION],
-        "seed": cfg.seed,
-    }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return Path(cfg.data.root).parent / f"{Path(cfg.data.root).name}_demo_teacher" / digest
-
-
-def pretrained_teacher(cfg: PipelineConfig, datasets: Datasets, *, progress: bool = True) -> tuple[nn.Module, float]:
-    """The teacher before adaptation, and the seconds spent pretraining it now (0 when cached / loaded).
-
-    ``teacher_kind="demo"``: the demo teacher is pretrained on the synthetic ``source`` domain once
-    (supervised set criterion only) and cached beside the dataset, so later runs load it. It stands in
-    for a foundation model; it is not one. ``"foundation"``: Grounding-DINO + SAM2 from local weights.
-    """
-    teacher = build_teacher(cfg, datasets.class_names)
-    if cfg.teacher_kind != "demo":
-        return teacher, 0.0
-    if datasets.source is None:
-        raise UserError("teacher_kind=demo needs the synthetic dataset's source domain (data.format=synthetic)")
-    cache = demo_teacher_cache(cfg)
-    logger.info("teacher: %s (%.2f M parameters)", DEMO_TEACHER_NAME, count_parameters(teacher) / 1e6)
-    if (cache / WEIGHTS_FILE).is_file() and (cache / "result.json").is_file():
-        load_weights(teacher, cache / WEIGHTS_FILE)
-        logger.info("demo teacher: loaded its source-domain pretraining from %s", cache)
-        return teacher, 0.0
-    logger.info("demo teacher: pretraining on the source domain (cached in %s for later runs)", cache)
-    source_only = Datasets(datasets.source, datasets.unlabeled, datasets.val, None, datasets.class_names)
-    pretrain_cfg = _at_run_dir(cfg, cache.parent)
-    result = train_stage(cache.name, teacher, pretrain_cfg, cfg.teacher_pretrain, source_only, progress=progress,
-                         seed_offset=100)
-    return teacher, result.wall_time
-
-
-def _at_run_dir(cfg: PipelineConfig, run_dir: Path) -> PipelineConfig:
-    return replace(cfg, run_dir=str(run_dir))
-
-
 def adapt_teacher(cfg: PipelineConfig, datasets: Datasets, *, resume: bool = True, progress: bool = True) -> list[StageResult]:
     """Stage 1: fine-tune on ``Dˡ``, pseudo-label ``Dᵘ``, re-initialise and self-train on ``Dˡ ∪ Dᵘ``.
 
     Writes ``teacher_finetune/``, ``pseudo_labels_teacher_finetune.json`` and ``teacher_self_train/``.
     """
     check_writable(cfg.run_path)
+    require_unlabeled(datasets, "adapt-teacher")
     teacher, _ = pretrained_teacher(cfg, datasets, progress=progress)
     initial = {k: v.clone() for k, v in teacher.state_dict().items()}
     finetune = train_stage("teacher_finetune", teacher, cfg, cfg.teacher_finetune, datasets, resume=resume,
@@ -579,6 +444,7 @@ def distill(cfg: PipelineConfig, datasets: Datasets, *, resume: bool = True, pro
     student's pretrained weights, a writable run directory), not after hours of pseudo-labelling.
     """
     check_writable(cfg.run_path)
+    require_unlabeled(datasets, "distill")
     adapted = _require(cfg, "teacher_self_train")
     student = build_student(cfg, len(datasets.class_names))  # reads student.encoder_weights
     teacher = build_teacher(cfg, datasets.class_names)

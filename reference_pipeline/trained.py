@@ -164,7 +164,8 @@ def build_from_card(card: ModelCard) -> nn.Module:
     if card.kind == "transformers":
         from .models.transformers_teacher import TransformersTeacher, TransformersTeacherConfig
 
-        return TransformersTeacher.from_config(config_from_dict(TransformersTeacherConfig, card.architecture))
+        return TransformersTeacher.from_pretrained_dir(config_from_dict(TransformersTeacherConfig, card.architecture),
+                                                       card.class_names)
     raise UserError(f"unknown model kind {card.kind!r} in a trained-model card")
 
 

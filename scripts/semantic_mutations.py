@@ -179,7 +179,7 @@ PIPELINE: dict[str, Mutation] = {
         [('train_stage("refine", student, cfg, cfg.refine,', 'train_stage("refine", student, cfg, cfg.distill,')],
         _STAGES),
     "demo_teacher_pretrained_on_the_target_labeled_split": (
-        "reference_pipeline/stages.py", [("source_only = Datasets(datasets.source,", "source_only = Datasets(datasets.labeled,")],
+        "reference_pipeline/teachers.py", [("source_only = Datasets(source,", "source_only = Datasets(datasets.labeled,")],
         _STAGES),
     "evaluate_stage_on_the_labeled_split": (
         "reference_pipeline/stages.py",
@@ -216,10 +216,11 @@ PIPELINE: dict[str, Mutation] = {
         ["tests/pipeline/test_losses.py", "tests/pipeline/test_pixel_term_sources.py"]),
     # ---- data: the label split
     "unlabeled_split_keeps_the_labeled_images": (
-        "reference_pipeline/stages.py",
+        "reference_pipeline/data/loading.py",
         [("SubsetDataset(dataset, [i for i in ids if i not in chosen])", "SubsetDataset(dataset, ids)")], _SPLIT),
     "label_split_ignores_its_seed": (
-        "reference_pipeline/stages.py", [("make_label_split(ids, fraction, seed=seed)", "make_label_split(ids, fraction, seed=0)")],
+        "reference_pipeline/data/loading.py",
+        [("make_label_split(ids, fraction, seed=seed)", "make_label_split(ids, fraction, seed=0)")],
         _SPLIT),
     "subset_reads_by_position_not_id": (
         "reference_pipeline/data/splits.py",

@@ -8,6 +8,8 @@ Every reader returns :class:`~reference_pipeline.data.structures.InstanceSample`
 * :mod:`~reference_pipeline.data.cityscapes` — Cityscapes ``leftImg8bit`` / ``gtFine``;
 * :mod:`~reference_pipeline.data.ade20k` — ADE20K RG-encoded instance PNGs;
 * :mod:`~reference_pipeline.data.splits` — labeled-fraction splits as ``perc_*.txt`` files;
+* :mod:`~reference_pipeline.data.unlabeled` — unlabeled images as a folder or a COCO image list;
+* :mod:`~reference_pipeline.data.loading` — the run's splits from its config (``load_datasets``);
 * :mod:`~reference_pipeline.data.augment` — weak / strong views with their geometry (imports
   torch, so it is loaded lazily on first access).
 """
@@ -20,6 +22,7 @@ from typing import Any
 from .ade20k import ADE20K_INSTANCE_CLASSES, ADE20KInstanceDataset, mask2former_ade20k_json
 from .cityscapes import CITYSCAPES_THING_CLASSES, CityscapesInstanceDataset
 from .coco import CocoInstanceDataset, decode_segmentation, encode_mask, samples_to_coco_dict, write_coco_json
+from .loading import Datasets, load_datasets
 from .splits import (
     LabelSplit,
     SubsetDataset,
@@ -42,6 +45,7 @@ from .synthetic import (
     synthetic_sample,
     touching_same_class_pairs,
 )
+from .unlabeled import CocoImageListDataset, ImageFolderDataset
 
 _LAZY = {
     "View": "augment",
@@ -58,7 +62,10 @@ __all__ = [
     "ADE20K_INSTANCE_CLASSES",
     "CITYSCAPES_THING_CLASSES",
     "CityscapesInstanceDataset",
+    "CocoImageListDataset",
     "CocoInstanceDataset",
+    "Datasets",
+    "ImageFolderDataset",
     "InstanceDataset",
     "InstanceSample",
     "LabelSplit",
@@ -70,6 +77,7 @@ __all__ = [
     "encode_mask",
     "generate_dataset",
     "instance_id_map",
+    "load_datasets",
     "load_rgb_image",
     "load_synthetic_split",
     "make_label_split",

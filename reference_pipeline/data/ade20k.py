@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..errors import UserError
 from .coco import CocoInstanceDataset
 from .structures import InstanceSample, check_index, load_rgb_image
 
@@ -128,14 +129,14 @@ class ADE20KInstanceDataset:
             with Image.open(ann_path) as handle:
                 encoded = np.array(handle)
         except (OSError, SyntaxError) as error:
-            raise ValueError(f"cannot decode ADE20K annotation {ann_path}: {error}") from error
+            raise UserError(f"cannot decode ADE20K annotation {ann_path}: {error}") from error
         if encoded.ndim != 3 or encoded.shape[2] not in (3, 4) or encoded.dtype != np.uint8:
-            raise ValueError(
+            raise UserError(
                 f"ADE20K annotation {ann_path} has shape {encoded.shape} dtype {encoded.dtype}; "
                 f"expected an 8-bit RGB PNG; {ADE20K_LAYOUT}"
             )
         if encoded.shape[:2] != image.shape[:2]:
-            raise ValueError(
+            raise UserError(
                 f"ADE20K annotation {ann_path} has size {encoded.shape[:2]} but image {image_path} has "
                 f"size {image.shape[:2]}; {ADE20K_LAYOUT}"
             )
@@ -149,13 +150,13 @@ class ADE20KInstanceDataset:
             mask = instances == instance
             cats = np.unique(categories[mask])
             if len(cats) != 1:
-                raise ValueError(
+                raise UserError(
                     f"ADE20K annotation {ann_path}: instance {int(instance)} has categories {cats.tolist()}; "
                     f"each instance must have exactly one"
                 )
             category = int(cats[0])
             if not 1 <= category <= len(ADE20K_INSTANCE_CLASSES):
-                raise ValueError(
+                raise UserError(
                     f"ADE20K annotation {ann_path}: instance {int(instance)} has category {category}, "
                     f"expected 1..{len(ADE20K_INSTANCE_CLASSES)}"
                 )

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..errors import UserError
 from .structures import InstanceSample, check_index, load_rgb_image
 
 __all__ = ["CityscapesInstanceDataset", "CITYSCAPES_THING_CLASSES", "CITYSCAPES_LAYOUT"]
@@ -130,9 +131,9 @@ class CityscapesInstanceDataset:
             with Image.open(path) as handle:
                 ids = np.array(handle)
         except (OSError, SyntaxError) as error:
-            raise ValueError(f"cannot decode Cityscapes annotation {path}: {error}") from error
+            raise UserError(f"cannot decode Cityscapes annotation {path}: {error}") from error
         if ids.ndim != 2:
-            raise ValueError(
+            raise UserError(
                 f"Cityscapes annotation {path} has shape {ids.shape}; expected a single-channel (H, W) "
                 f"16-bit image; {CITYSCAPES_LAYOUT}"
             )
@@ -149,7 +150,7 @@ class CityscapesInstanceDataset:
         image = load_rgb_image(self.image_root / self.file_names[index])
         ids = self.read_instance_ids(index)  # (H, W)
         if ids.shape != image.shape[:2]:
-            raise ValueError(
+            raise UserError(
                 f"Cityscapes annotation {self._annotation_files[index]} has size {ids.shape} but image "
                 f"{self.image_root / self.file_names[index]} has size {image.shape[:2]}; {CITYSCAPES_LAYOUT}"
             )

@@ -29,6 +29,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 
 from ..atomic import atomic_write_json
+from ..errors import UserError
 from .structures import InstanceSample, check_index, load_rgb_image
 
 __all__ = [
@@ -86,28 +87,28 @@ def decode_segmentation(segmentation: Any, height: int, width: int, where: str) 
     if isinstance(segmentation, list):
         polygons = [list(map(float, poly)) for poly in segmentation if isinstance(poly, list)]
         if len(polygons) != len(segmentation):
-            raise ValueError(f"{where}: polygon segmentation must be a list of coordinate lists")
+            raise UserError(f"{where}: polygon segmentation must be a list of coordinate lists")
         polygons = [poly for poly in polygons if len(poly) >= 6 and len(poly) % 2 == 0]
         if not polygons:
-            raise ValueError(f"{where}: no polygon with at least 3 points (x, y pairs)")
+            raise UserError(f"{where}: no polygon with at least 3 points (x, y pairs)")
         rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
     elif isinstance(segmentation, dict):
         if "counts" not in segmentation or "size" not in segmentation:
-            raise ValueError(f"{where}: RLE segmentation must have 'size' and 'counts'")
+            raise UserError(f"{where}: RLE segmentation must have 'size' and 'counts'")
         size = [int(v) for v in segmentation["size"]]
         if size != [height, width]:
-            raise ValueError(f"{where}: RLE size {size} differs from image size [{height}, {width}]")
+            raise UserError(f"{where}: RLE size {size} differs from image size [{height}, {width}]")
         counts = segmentation["counts"]
         if isinstance(counts, list):
             if sum(int(c) for c in counts) != height * width:
-                raise ValueError(f"{where}: uncompressed RLE counts sum to {sum(counts)}, expected {height * width}")
+                raise UserError(f"{where}: uncompressed RLE counts sum to {sum(counts)}, expected {height * width}")
             rle = mask_utils.frPyObjects(segmentation, height, width)
         elif isinstance(counts, (str, bytes)):
             rle = {"size": size, "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
         else:
-            raise ValueError(f"{where}: RLE counts must be a list or a string, got {type(counts).__name__}")
+            raise UserError(f"{where}: RLE counts must be a list or a string, got {type(counts).__name__}")
     else:
-        raise ValueError(
+        raise UserError(
             f"{where}: segmentation must be a polygon list or an RLE dict, got {type(segmentation).__name__}"
         )
     try:
@@ -116,9 +117,9 @@ def decode_segmentation(segmentation: Any, height: int, width: int, where: str) 
             warnings.simplefilter("ignore", DeprecationWarning)
             mask = mask_utils.decode(rle)
     except Exception as error:  # pycocotools raises bare Exceptions for corrupt RLE strings
-        raise ValueError(f"{where}: cannot decode RLE: {error}") from error
+        raise UserError(f"{where}: cannot decode RLE: {error}") from error
     if mask.shape != (height, width):
-        raise ValueError(f"{where}: decoded mask has shape {mask.shape}, expected ({height}, {width})")
+        raise UserError(f"{where}: decoded mask has shape {mask.shape}, expected ({height}, {width})")
     return mask.astype(bool)
 
 
@@ -169,7 +170,7 @@ class CocoInstanceDataset:
             with self.annotation_file.open("r", encoding="utf-8") as handle:
                 data = json.load(handle)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{self.annotation_file} is not valid JSON ({error}); {COCO_LAYOUT}") from error
+            raise UserError(f"{self.annotation_file} is not valid JSON ({error}); {COCO_LAYOUT}") from error
         self._parse(data)
         if check_files:
             missing = [name for name in self.file_names if not (self.image_root / name).is_file()]
@@ -184,25 +185,25 @@ class CocoInstanceDataset:
     def _parse(self, data: Any) -> None:
         path = self.annotation_file
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: top level must be a JSON object; {COCO_LAYOUT}")
+            raise UserError(f"{path}: top level must be a JSON object; {COCO_LAYOUT}")
         for key in ("images", "categories"):
             if not isinstance(data.get(key), list):
-                raise ValueError(f"{path}: missing or non-list key {key!r}; {COCO_LAYOUT}")
+                raise UserError(f"{path}: missing or non-list key {key!r}; {COCO_LAYOUT}")
         annotations = data.get("annotations")
         if annotations is None:
             logger.warning("%s has no 'annotations' key; every image is treated as unannotated", path)
             annotations = []
         if not isinstance(annotations, list):
-            raise ValueError(f"{path}: 'annotations' must be a list; {COCO_LAYOUT}")
+            raise UserError(f"{path}: 'annotations' must be a list; {COCO_LAYOUT}")
 
         categories = data["categories"]
         try:
             cat_pairs = sorted((int(cat["id"]), str(cat["name"])) for cat in categories)
         except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"{path}: every category needs an integer 'id' and a 'name' ({error})") from error
+            raise UserError(f"{path}: every category needs an integer 'id' and a 'name' ({error})") from error
         cat_ids = [cid for cid, _ in cat_pairs]
         if len(set(cat_ids)) != len(cat_ids):
-            raise ValueError(f"{path}: duplicate category ids {sorted(cat_ids)}")
+            raise UserError(f"{path}: duplicate category ids {sorted(cat_ids)}")
         self.category_ids: list[int] = cat_ids
         self.class_names: list[str] = [name for _, name in cat_pairs]
         cat_to_class = {cid: index for index, cid in enumerate(cat_ids)}
@@ -217,11 +218,11 @@ class CocoInstanceDataset:
                 self.file_names.append(str(image["file_name"]))
                 self._sizes.append((int(image["height"]), int(image["width"])))
             except (KeyError, TypeError, ValueError) as error:
-                raise ValueError(
+                raise UserError(
                     f"{path}: images[{position}] needs 'id', 'file_name', 'height', 'width' ({error!r})"
                 ) from error
         if len(set(map(repr, source_ids))) != len(source_ids):
-            raise ValueError(f"{path}: duplicate image ids in 'images'")
+            raise UserError(f"{path}: duplicate image ids in 'images'")
         self.source_image_ids: list[Any] = source_ids
         if all(isinstance(i, int) and not isinstance(i, bool) for i in source_ids):
             self.image_ids: list[int] = [int(i) for i in source_ids]
@@ -237,21 +238,21 @@ class CocoInstanceDataset:
         skipped_crowd = 0
         for position, ann in enumerate(annotations):
             if not isinstance(ann, dict) or "image_id" not in ann or "category_id" not in ann:
-                raise ValueError(f"{path}: annotations[{position}] needs 'image_id' and 'category_id'")
+                raise UserError(f"{path}: annotations[{position}] needs 'image_id' and 'category_id'")
             where = f"{path}: annotation id {ann.get('id', position)}"
             image_pos = position_of.get(repr(ann["image_id"]))
             if image_pos is None:
-                raise ValueError(f"{where} references image_id {ann['image_id']!r}, which is not in 'images'")
+                raise UserError(f"{where} references image_id {ann['image_id']!r}, which is not in 'images'")
             try:
                 class_id = cat_to_class[int(ann["category_id"])]
             except (KeyError, TypeError, ValueError) as error:
-                raise ValueError(
+                raise UserError(
                     f"{where} has category_id {ann['category_id']!r}, which is not in 'categories' {cat_ids}"
                 ) from error
             crowd = bool(ann.get("iscrowd", 0))
             segmentation = ann.get("segmentation")
             if isinstance(segmentation, list) and any(not isinstance(p, list) for p in segmentation):
-                raise ValueError(
+                raise UserError(
                     f"{where}: polygon segmentation must be a list of coordinate lists [[x0, y0, ...], ...]"
                 )
             if not segmentation or (
@@ -263,7 +264,7 @@ class CocoInstanceDataset:
                 skipped_crowd += 1
                 continue
             if not isinstance(segmentation, (list, dict)):
-                raise ValueError(f"{where}: segmentation must be polygons or RLE, got {type(segmentation).__name__}")
+                raise UserError(f"{where}: segmentation must be polygons or RLE, got {type(segmentation).__name__}")
             self._annotations[image_pos].append((segmentation, class_id, crowd, where))
         if skipped_empty:
             logger.warning("%s: skipped %d annotation(s) without a usable segmentation", path, skipped_empty)
@@ -299,7 +300,7 @@ class CocoInstanceDataset:
         image = load_rgb_image(path)
         height, width = self._sizes[index]
         if image.shape[:2] != (height, width):
-            raise ValueError(
+            raise UserError(
                 f"image {path} has size {image.shape[1]}x{image.shape[0]} (WxH) but {self.annotation_file} "
                 f"says {width}x{height}"
             )

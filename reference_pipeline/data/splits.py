@@ -31,6 +31,7 @@ from typing import Literal, TypeVar
 import numpy as np
 
 from ..atomic import atomic_write_text
+from ..errors import UserError
 from .structures import InstanceDataset, InstanceSample, check_index
 
 __all__ = [
@@ -233,11 +234,11 @@ def read_split_file(path: str | os.PathLike[str], id_type: Callable[[str], IdT] 
         try:
             value = id_type(line)
         except ValueError as error:
-            raise ValueError(
+            raise UserError(
                 f"{path}:{number}: cannot parse image id {line!r} with {getattr(id_type, '__name__', id_type)}"
             ) from error
         if value in seen:
-            raise ValueError(f"{path}:{number}: duplicate image id {line!r}")
+            raise UserError(f"{path}:{number}: duplicate image id {line!r}")
         seen.add(value)
         ids.append(value)
     return ids

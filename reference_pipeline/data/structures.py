@@ -165,7 +165,8 @@ def load_rgb_image(path: Path) -> np.ndarray:
         path: image file.
 
     Returns:
-        The decoded image (grayscale / palette / RGBA images are converted to RGB).
+        The decoded image (grayscale / palette / RGBA images are converted to RGB; 16-bit grayscale is
+        scaled to 8 bits, ``v // 257``, not clipped as PIL's own conversion does).
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
@@ -175,6 +176,10 @@ def load_rgb_image(path: Path) -> np.ndarray:
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         with Image.open(path) as handle:
+            if handle.mode.startswith("I;16") or handle.mode == "I":  # 16-bit grayscale (PNG opens as I;16 or I)
+                wide = np.asarray(handle, dtype=np.int64)  # (H, W)
+                gray = (np.clip(wide, 0, 65535) // 257).astype(np.uint8)  # (H, W) 0..65535 -> 0..255
+                return np.repeat(gray[..., None], 3, axis=2)  # (H, W, 3)
             return np.asarray(handle.convert("RGB"), dtype=np.uint8).copy()
     except (OSError, SyntaxError) as error:  # PIL raises these for truncated / unknown files
         raise UserError(f"cannot decode image {path}: {error}") from error

@@ -55,6 +55,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from ..errors import UserError
 from .coco import CocoInstanceDataset, encode_mask, write_coco_json
 from .structures import InstanceSample
 
@@ -772,7 +773,7 @@ def read_manifest(root: str | os.PathLike[str]) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise ValueError(f"corrupt synthetic dataset manifest {path}: {error}") from error
+        raise UserError(f"corrupt synthetic dataset manifest {path}: {error}") from error
 
 
 def generate_dataset(

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from reference_pipeline import stages
+from reference_pipeline import stages, teachers
 from reference_pipeline.checkpoint import save_weights
 from reference_pipeline.config import PipelineConfig
 
@@ -176,7 +176,7 @@ def test_the_demo_teacher_is_pretrained_on_the_source_domain_once_then_loaded(
         (cfg_.run_path / name / "result.json").write_text('{"wall_time": 1.0, "steps": 1, "final_logs": {}}')
         return stages.StageResult(name, cfg_.run_path / name / stages.WEIGHTS_FILE, 1.0, 1, {})
 
-    monkeypatch.setattr(stages, "build_teacher", lambda cfg_, names: stubs.TaggedModel(FRESH_TEACHER))
+    monkeypatch.setattr(teachers, "build_teacher", lambda cfg_, names: stubs.TaggedModel(FRESH_TEACHER))
     monkeypatch.setattr(stages, "train_stage", train_stage)
     teacher, _ = stages.pretrained_teacher(cfg, datasets, progress=False)
     (call,) = calls
