@@ -166,12 +166,20 @@ def _stage_command(name: str) -> Callable[[argparse.Namespace], None]:
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from . import stages
+    from .data.loading import load_validation
+    from .trained import CARD_FILE
 
     cfg = _load(args)
-    datasets = stages.load_datasets(cfg, progress=not args.no_progress)
-    names = args.stage or [s for s in stages.EVALUABLE if s == "teacher_zero_shot" or (cfg.run_path / s / stages.WEIGHTS_FILE).is_file()]
+    trained = [s.name for s in STAGES if (cfg.run_path / s.name / stages.WEIGHTS_FILE).is_file()]
+    names = args.stage or ["teacher_zero_shot", *trained]
+    val = load_validation(cfg, progress=not args.no_progress)  # a trained model's folder names its classes
+    datasets = None
     for name in names:
-        metrics = stages.evaluate_stage(cfg, datasets, name, progress=not args.no_progress)
+        if name != "teacher_zero_shot" and (cfg.run_path / name / CARD_FILE).is_file():
+            metrics = stages.evaluate_trained(cfg, name, val, progress=not args.no_progress)
+        else:  # the zero-shot teacher (or a folder from before models described themselves) needs the whole data
+            datasets = datasets or stages.load_datasets(cfg, progress=not args.no_progress)
+            metrics = stages.evaluate_stage(cfg, datasets, name, progress=not args.no_progress)
         print(f"{name:20s} AP {metrics['AP']:6.2f}  AP50 {metrics['AP50']:6.2f}  params {metrics['parameters'] / 1e6:6.2f}M")
 
 

@@ -54,6 +54,7 @@ from .data.semi import (
     TwoViewDataset,
     collate_semi,
 )
+from .data.structures import InstanceDataset
 from .engine import barrier, distributed_info, resolve_device, train
 from .errors import UserError
 from .evaluate import CocoMaskEvaluator
@@ -408,13 +409,15 @@ def _stage_path(cfg: PipelineConfig, name: str) -> Path:
     return cfg.run_path / name / WEIGHTS_FILE
 
 
-def _require(cfg: PipelineConfig, stage: str) -> Path:
-    """The weights of an earlier ``stage`` of this run directory, made with settings that agree with ``cfg``."""
+def _require(cfg: PipelineConfig, stage: str, *, same_settings: bool = True) -> Path:
+    """The weights of an earlier ``stage`` of this run directory (made with settings that agree with ``cfg``,
+    when ``same_settings``: a stage that trains on them; evaluating a trained model needs no such agreement)."""
     path = _stage_path(cfg, stage)
     if not path.is_file():
         command = stage_entry(stage).command
         raise FileNotFoundError(f"{path} not found: run `python -m reference_pipeline {command}` first (same --config)")
-    check_same_settings(cfg, stage, path.parent, upstream=True)
+    if same_settings:
+        check_same_settings(cfg, stage, path.parent, upstream=True)
     return path
 
 
@@ -488,7 +491,7 @@ def load_stage_model(cfg: PipelineConfig, datasets: Datasets, stage: str) -> nn.
         raise UserError(f"unknown stage {stage!r}; expected one of {list(EVALUABLE)}")
     if stage == "teacher_zero_shot":
         return pretrained_teacher(cfg, datasets, progress=False)[0]
-    weights = _require(cfg, stage)
+    weights = _require(cfg, stage, same_settings=False)
     if (weights.parent / CARD_FILE).is_file():
         return load_trained(weights.parent)[0]
     # a folder written before models described themselves (or by a model that cannot): build it from cfg
@@ -502,9 +505,21 @@ def load_stage_model(cfg: PipelineConfig, datasets: Datasets, stage: str) -> nn.
 
 def evaluate_stage(cfg: PipelineConfig, datasets: Datasets, stage: str, *, progress: bool = True) -> dict[str, float]:
     """Mask AP / AP50 on the validation split, parameters and latency per image of ``stage``'s model (GPU if any)."""
-    model = load_stage_model(cfg, datasets, stage).to(resolve_device(cfg.refine.train.device, distributed_info()))
+    return evaluate_on(cfg, load_stage_model(cfg, datasets, stage), datasets.val, stage, progress=progress)
+
+
+def evaluate_trained(cfg: PipelineConfig, stage: str, val: InstanceDataset, *, progress: bool = True) -> dict[str, float]:
+    """:func:`evaluate_stage` for a stage whose folder describes its model: needs only the validation split."""
+    model, _ = load_trained(_require(cfg, stage, same_settings=False).parent)
+    return evaluate_on(cfg, model, val, stage, progress=progress)
+
+
+def evaluate_on(cfg: PipelineConfig, model: nn.Module, val: InstanceDataset, stage: str, *,
+                progress: bool = True) -> dict[str, float]:
+    """Mask AP / AP50 of ``model`` on ``val`` at ``data.image_size``, its parameters and its latency per image."""
+    model = model.to(resolve_device(cfg.refine.train.device, distributed_info()))
     metrics = evaluate_model(
-        model, datasets.val, image_size=tuple(cfg.data.image_size), batch_size=cfg.eval.batch_size,
+        model, val, image_size=tuple(cfg.data.image_size), batch_size=cfg.eval.batch_size,
         top_k=cfg.eval.top_k, progress=progress, desc=f"evaluate {stage}",
     )
     from .inference import measure_latency

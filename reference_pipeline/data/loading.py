@@ -38,7 +38,8 @@ from .unlabeled import CocoImageListDataset, ImageFolderDataset
 if TYPE_CHECKING:
     from ..config import DataConfig, PipelineConfig
 
-__all__ = ["ClassMappedDataset", "Datasets", "load_datasets", "load_source_dataset", "require_unlabeled"]
+__all__ = [
+    "load_validation","ClassMappedDataset", "Datasets", "load_datasets", "load_source_dataset", "require_unlabeled"]
 
 
 @dataclass
@@ -174,6 +175,33 @@ def load_datasets(cfg: PipelineConfig, *, progress: bool = True) -> Datasets:
         )
     class_names = list(labeled.class_names)
     return Datasets(labeled, unlabeled, _first(val, data.max_val_images), source, class_names, category_ids)
+
+
+def load_validation(cfg: PipelineConfig, *, progress: bool = True) -> InstanceDataset:
+    """Only the validation split of ``cfg.data`` (at most ``max_val_images``): what evaluating a trained model needs.
+
+    Reads no training annotations (the model's folder names its classes). The built-in dataset is generated
+    first if it is not on disk yet.
+    """
+    data = cfg.data
+    if data.format == "synthetic":
+        source_n, labeled_n, unlabeled_n, val_n = data.synthetic_size
+        synthetic = SyntheticConfig(
+            image_size=data.synthetic_image_size, source_train=source_n, target_labeled=labeled_n,
+            target_unlabeled=unlabeled_n, target_val=val_n, seed=data.synthetic_seed,
+            object_scale=data.synthetic_object_scale,
+        )
+        val: InstanceDataset = load_synthetic_split(generate_dataset(data.root, synthetic, progress=progress),
+                                                    "target_val")
+    elif data.format == "coco":
+        if not data.val_annotations:
+            raise UserError("data.format=coco needs data.val_annotations (a COCO JSON) to evaluate")
+        val = CocoInstanceDataset(data.val_annotations, data.val_images or data.root)
+    elif data.format == "cityscapes":
+        val = CityscapesInstanceDataset(data.root, "val")
+    else:
+        val = ADE20KInstanceDataset(data.root, "validation")
+    return _first(val, data.max_val_images)
 
 
 def require_unlabeled(datasets: Datasets, stage: str) -> None:

@@ -131,9 +131,8 @@ def test_empty_labeled_split_is_a_clear_error(tmp_path: Path, capsys) -> None:
 def test_a_stage_made_with_other_settings_is_refused_naming_the_key(quick_run, tmp_path: Path, capsys) -> None:
     common, run = quick_run
     other = tmp_path / "run"
-    shutil.copytree(run / "refine", other / "refine")
-    code = main(["evaluate", *common, "--run-dir", str(other), "--stage", "refine",
-                 "--set", "student.hidden_dim=32"])
+    shutil.copytree(run / "distill", other / "distill")
+    code = main(["refine", *common, "--run-dir", str(other), "--set", "student.hidden_dim=32"])
     assert code == 2
     err = capsys.readouterr().err
     assert "student.hidden_dim: 64 -> 32" in err and "--no-resume" in err and len(err.strip().splitlines()) == 1
