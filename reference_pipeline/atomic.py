@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["link_or_copy", "atomic_path", "atomic_write_json", "atomic_write_text", "fsync_dir", "fsync_file"]
+__all__ = ["atomic_path", "atomic_write_json", "atomic_write_text", "fsync_dir", "fsync_file", "link_or_copy"]
 
 
 def fsync_file(path: str | os.PathLike[str]) -> None:

@@ -40,7 +40,7 @@ def test_run_with_the_pipeline_teacher_completes_every_stage_and_writes_the_repo
     for stage in STAGES:
         assert stage.label in report
     for stage in STAGES[1:]:
-        model, card = load_trained(pipeline_run / stage.name)  # self-describing: no config, no dataset
+        _, card = load_trained(pipeline_run / stage.name)  # self-describing: no config, no dataset
         assert card.class_names == ["Widget"] and card.category_ids == [7] and card.image_size == (48, 64)
 
 
