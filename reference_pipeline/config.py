@@ -28,14 +28,14 @@ from .models.transformers_teacher import TransformersTeacherConfig
 from .pseudo_labels import PseudoLabelConfig
 
 __all__ = [
+    "QUICK_OVERRIDES",
+    "STAGES",
     "ConfigError",
     "ContrastConfig",
     "DataConfig",
     "EvalConfig",
     "PipelineConfig",
     "PretrainStageConfig",
-    "QUICK_OVERRIDES",
-    "STAGES",
     "Stage",
     "StageConfig",
     "TrainConfig",

@@ -39,7 +39,13 @@ if TYPE_CHECKING:
     from ..config import DataConfig, PipelineConfig
 
 __all__ = [
-    "load_validation","ClassMappedDataset", "Datasets", "load_datasets", "load_source_dataset", "require_unlabeled"]
+    "ClassMappedDataset",
+    "Datasets",
+    "load_datasets",
+    "load_source_dataset",
+    "load_validation",
+    "require_unlabeled",
+]
 
 
 @dataclass

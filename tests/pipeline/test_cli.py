@@ -139,7 +139,7 @@ def test_a_stage_made_with_other_settings_is_refused_naming_the_key(quick_run, t
 
 
 def test_weights_that_do_not_fit_the_described_model_are_refused(quick_run, tmp_path: Path, capsys) -> None:
-    common, run = quick_run
+    _, run = quick_run
     other = tmp_path / "run"
     shutil.copytree(run / "refine", other / "refine")
     card = json.loads((other / "refine" / "config.json").read_text())
