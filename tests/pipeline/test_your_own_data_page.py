@@ -42,7 +42,7 @@ TINY = [
 def bash_blocks(text: str) -> list[str]:
     """The bodies of the page's ``.. code-block:: bash`` directives, dedented, in page order."""
     blocks = []
-    for match in re.finditer(r"^([ \t]*)\.\. code-block:: bash[ \t]*\n\n((?:\1[ \t]+\S.*\n|[ \t]*\n)+)", text, re.M):
+    for match in re.finditer(r"^([ \t]*)\.\. code-block:: bash[ \t]*\n\n((?:\1[ \t]+\S.*\n|[ \t]*\n)+)", text, re.MULTILINE):
         blocks.append(textwrap.dedent(match.group(2)))
     return blocks
 
@@ -109,7 +109,7 @@ def test_the_page_runs_as_written(page_variables, user_coco, tmp_path: Path, mon
 
     # the Python block, on an image of the user's
     shutil.copy(next(Path(user_coco["val_images"]).glob("*.png")), workdir / "my_image.png")
-    (python_block,) = re.findall(r"^\.\. code-block:: python\n\n((?:[ \t]+\S.*\n|[ \t]*\n)+)", text, re.M)
+    (python_block,) = re.findall(r"^\.\. code-block:: python\n\n((?:[ \t]+\S.*\n|[ \t]*\n)+)", text, re.MULTILINE)
     namespace: dict = {}
     exec(compile(textwrap.dedent(python_block), str(PAGE), "exec"), namespace)  # noqa: S102 - the page's snippet
     assert namespace["categories"] == [7] * len(namespace["instances"].class_ids)
