@@ -22,9 +22,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Pages another change is rewriting; their snippets are checked but may fail until it lands.
-BEING_REWRITTEN = {"docs/pipeline_data.rst", "docs/pipeline_teacher.rst"}
-
 # A page's blocks run on one CPU thread with tiny sizes; this is the ceiling of CPU time (not wall time,
 # which other processes on a shared machine inflate) a page must stay under, its first imports included.
 PAGE_CPU_SECONDS = 30.0
@@ -114,11 +111,6 @@ def _pages() -> list[str]:
 PAGES = _pages()
 
 
-def _param(page: str):
-    marks = [pytest.mark.xfail(strict=False, reason="being rewritten")] if page in BEING_REWRITTEN else []
-    return pytest.param(page, id=page, marks=marks)
-
-
 def run_page(page: str) -> dict:
     """Run the Python blocks of ``page`` in order in one namespace (from the current directory)."""
     namespace: dict = {"__name__": "__main__"}
@@ -144,7 +136,7 @@ def repo_like_cwd(tmp_path, monkeypatch):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("page", [_param(page) for page in PAGES])
+@pytest.mark.parametrize("page", PAGES)
 def test_page_snippets_run_as_written(page: str, repo_like_cwd: Path) -> None:
     started = _cpu_seconds()
     run_page(page)
@@ -160,7 +152,6 @@ def test_the_snippets_are_found() -> None:
     placeholders = [
         f"{page}:{block.line}"
         for page in PAGES
-        if page not in BEING_REWRITTEN
         for block in page_blocks(page)
         if _has_ellipsis(block.code)
     ]
