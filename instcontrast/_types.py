@@ -42,7 +42,7 @@ class CandidateBlocks:
     Attributes:
         starts: first anchor of each block.
         candidates: per block, the candidate pool indices.
-        columns: per block, each anchor's negatives as positions in ``candidates[b]``.
+        columns: per block, each anchor's negatives as positions in ``candidates[b]`` (int32 or int64).
         num_negatives: ``R``.
         segments: per block, the ``(rows, lo, hi)`` ranges above; empty = one segment covering all.
         order: the anchor of each block row, ``(A,)`` int64 permutation, or ``None`` (identity).

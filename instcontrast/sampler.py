@@ -632,7 +632,7 @@ class InstanceAwareSampler:
                 fallback_anchors += int(short_rows.numel())
             starts.append(start)
             block_candidates.append(torch.cat(candidate_parts))
-            block_columns.append(columns)
+            block_columns.append(columns.to(torch.int32))  # (c, R): half the memory of int64
             block_segments.append(tuple(segments))
             max_rounds_used = max(max_rounds_used, rounds)
         blocks = CandidateBlocks(

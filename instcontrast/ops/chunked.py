@@ -155,7 +155,7 @@ class _BlockedLogSumExp(torch.autograd.Function):
         for block, block_columns in enumerate(blocks.columns):
             rows = blocks.block_rows(block)  # the block's anchors: a slice, or (c,) with a row order
             scores = block_scores(anchors_acc[rows], pool_acc, blocks, block)  # (c, m)
-            lse[rows] = torch.logsumexp(scores.gather(1, block_columns) * scale, dim=1)
+            lse[rows] = torch.logsumexp(scores.gather(1, block_columns.long()) * scale, dim=1)
         ctx.save_for_backward(anchors, pool, lse)
         ctx.scale = scale
         ctx.blocks = blocks  # index tensors only: nothing here requires grad
@@ -174,6 +174,7 @@ class _BlockedLogSumExp(torch.autograd.Function):
         grad_anchors = torch.zeros_like(anchors_acc) if need_anchor_grad else None  # (A, D)
         grad_pool = torch.zeros_like(pool_acc) if need_pool_grad else None  # (M, D)
         for block, block_columns in enumerate(blocks.columns):
+            block_columns = block_columns.long()  # (c, R) gather/scatter indices (stored as int32)
             block_rows = blocks.block_rows(block)  # the block's anchors: a slice, or (c,) with a row order
             block_anchors = anchors_acc[block_rows]  # (c, D)
             candidates = blocks.candidates[block]  # (m,)
