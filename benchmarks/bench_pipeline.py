@@ -45,7 +45,7 @@ from reference_pipeline.losses import SetCriterion  # noqa: E402
 from reference_pipeline.pipeline_config import load_pipeline_config  # noqa: E402
 
 NAME = "bench_pipeline"
-GOAL_OVERHEAD = 1.3
+GOAL_OVERHEAD = 1.2
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
