@@ -102,8 +102,23 @@ LIBRARY: dict[str, Mutation] = {
     ),
     "blocked_segment_rows_without_block_start": (
         "instcontrast/ops/chunked.py",
-        [("grad_anchors.index_add_(0, start + rows,", "grad_anchors.index_add_(0, rows,")],
-        ["tests/test_backends.py"],
+        [("grad_anchors.index_add_(0, blocks.anchor_rows(block, rows),", "grad_anchors.index_add_(0, rows,")],
+        ["tests/test_backends.py", "tests/test_sampler_blocks.py"],
+    ),
+    "blocked_lse_ignores_row_order": (
+        "instcontrast/ops/chunked.py",
+        [("            lse[rows] = torch.logsumexp(", "            lse[blocks.starts[block] : blocks.starts[block] + rows.numel() if not isinstance(rows, slice) else rows] = torch.logsumexp(")],
+        ["tests/test_backends.py", "tests/test_sampler_blocks.py"],
+    ),
+    "blocks_index_ignores_row_order": (
+        "instcontrast/_types.py",
+        [("        index[self.order] = by_row", "        index[:] = by_row")],
+        ["tests/test_sampler_blocks.py"],
+    ),
+    "sampler_row_constants_ignore_row_order": (
+        "instcontrast/sampler.py",
+        [("row_block = envelope.anchor_rows[rows] *", "row_block = envelope.anchor_rows[start:stop] *")],
+        ["tests/test_sampler.py", "tests/test_sampler_blocks.py"],
     ),
     "chunked_backward_first_block_lse": (
         "instcontrast/ops/chunked.py",
