@@ -38,9 +38,16 @@ anchor's expected acceptance is :math:`\rho_p = \sum_q s^k(p, q) / C_p`.
 For unit vectors and :math:`\lambda = \tfrac12`: ``linear`` :math:`\rho_p \in [\tfrac14, 1]`;
 ``sqrt`` :math:`\rho_p \ge 1/(6\sqrt2) \approx 0.118`; ``squared`` :math:`\rho_p \ge 1/528` (a
 loose worst case; measured 0.24–0.66 per call). The bounds do not depend on how confident the
-predictions are: scaling every :math:`u, d` together scales :math:`s` and :math:`g` alike. Each
-block tries a few :math:`\lambda` (always including ``1/2``) and keeps the one that needs the
-fewest proposals for its anchors.
+predictions are: scaling every :math:`u, d` together scales :math:`s` and :math:`g` alike.
+
+**Blocks.** The best :math:`\lambda` for an anchor depends on :math:`U_p` (for ``linear``, about
+:math:`W / (M U_p + W)` with :math:`W = \sum_q \delta_q`), so the anchors are sorted by
+:math:`U_p` before they are cut into blocks (:attr:`CandidateBlocks.order`): a block's anchors
+then want about the same :math:`\lambda`. Each block compares the :math:`\lambda` of a grid
+(always including ``1/2``) by the mean proposals per negative :math:`1/\rho_p` at five of its rows
+(quantiles of its sorted :math:`U_p`) and keeps the cheapest one whose acceptance stays at least
+:math:`\min(\tfrac14, \text{that of } \lambda = \tfrac12)` for every row — so the bounds above
+hold for every anchor. Which block an anchor lands in does not change its distribution.
 
 **Rounds.** :math:`\sum_q s(p, q)` (and :math:`\sum_q s^2(p, q)`, from the pool's second moment) is
 known in closed form before drawing, so each anchor's :math:`\rho_p` is known (``sqrt``: a lower
