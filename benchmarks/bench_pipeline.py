@@ -47,7 +47,7 @@ from reference_pipeline.inference import measure_latency  # noqa: E402
 from reference_pipeline.losses import Objective, SetCriterion  # noqa: E402
 
 NAME = "bench_pipeline"
-GOAL_OVERHEAD = 1.3
+GOAL_OVERHEAD = 1.2
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 

@@ -34,12 +34,18 @@ class CandidateBlocks:
     ``candidates[b][lo:hi]`` (``None`` = every row). Scoring only those (row, column) ranges gives
     the same values for every chosen column at less cost.
 
+    The sampler groups anchors whose proposal fits best into the same block, so a block's rows
+    need not be consecutive anchors: with ``order`` given, local row ``i`` of block ``b`` is anchor
+    ``order[starts[b] + i]`` (``order`` is a permutation of ``range(A)``); without it, anchor
+    ``starts[b] + i``. :meth:`block_rows` gives either form.
+
     Attributes:
         starts: first anchor of each block.
         candidates: per block, the candidate pool indices.
-        columns: per block, each anchor's negatives as positions in ``candidates[b]``.
+        columns: per block, each anchor's negatives as positions in ``candidates[b]`` (int32 or int64).
         num_negatives: ``R``.
         segments: per block, the ``(rows, lo, hi)`` ranges above; empty = one segment covering all.
+        order: the anchor of each block row, ``(A,)`` int64 permutation, or ``None`` (identity).
     """
 
     starts: tuple[int, ...]
@@ -47,6 +53,20 @@ class CandidateBlocks:
     columns: tuple[Tensor, ...]
     num_negatives: int = 0
     segments: tuple[tuple[tuple[Tensor | None, int, int], ...], ...] = ()
+    order: Tensor | None = None
+
+    def block_rows(self, block: int) -> slice | Tensor:
+        """The anchors of one block's rows, in row order: a ``slice``, or ``(c_b,)`` int64 with ``order``."""
+        start = self.starts[block]
+        stop = start + self.columns[block].shape[0]
+        return slice(start, stop) if self.order is None else self.order[start:stop]
+
+    def anchor_rows(self, block: int, rows: Tensor | None) -> slice | Tensor:
+        """The anchors of local ``rows`` of a block (``None`` = all of them), for indexing ``(A, ...)`` tensors."""
+        block_rows = self.block_rows(block)
+        if rows is None:
+            return block_rows
+        return block_rows[rows] if isinstance(block_rows, Tensor) else rows + block_rows.start
 
     def block_segments(self, block: int) -> tuple[tuple[Tensor | None, int, int], ...]:
         """The ``(rows, lo, hi)`` segments of one block."""
@@ -63,4 +83,9 @@ class CandidateBlocks:
         """The negatives as pool indices, ``(A, R)``."""
         if not self.columns:
             return torch.empty(0, self.num_negatives, dtype=torch.long)
-        return torch.cat([cand[cols] for cand, cols in zip(self.candidates, self.columns)], dim=0)
+        by_row = torch.cat([cand[cols] for cand, cols in zip(self.candidates, self.columns)], dim=0)  # (A, R)
+        if self.order is None:
+            return by_row
+        index = torch.empty_like(by_row)  # (A, R)
+        index[self.order] = by_row
+        return index

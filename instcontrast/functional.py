@@ -338,9 +338,9 @@ def false_negative_rate(anchor_ids: Tensor, negative_ids: Tensor, ignore_index: 
 def _sum_negative_cosine(anchors_n: Tensor, pool_n: Tensor, negatives: Tensor | CandidateBlocks) -> Tensor:
     total = anchors_n.new_zeros(())
     if not isinstance(negatives, Tensor):
-        for block, (start, columns) in enumerate(zip(negatives.starts, negatives.columns)):
-            scores = block_scores(anchors_n[start : start + columns.shape[0]], pool_n, negatives, block)  # (c, m)
-            total += scores.gather(1, columns).sum()
+        for block, columns in enumerate(negatives.columns):
+            scores = block_scores(anchors_n[negatives.block_rows(block)], pool_n, negatives, block)  # (c, m)
+            total += scores.gather(1, columns.long()).sum()
         return total
     size = default_block_size(max(1, negatives.shape[1]), anchors_n.shape[1])
     for start in range(0, anchors_n.shape[0], size):

@@ -38,9 +38,16 @@ anchor's expected acceptance is :math:`\rho_p = \sum_q s^k(p, q) / C_p`.
 For unit vectors and :math:`\lambda = \tfrac12`: ``linear`` :math:`\rho_p \in [\tfrac14, 1]`;
 ``sqrt`` :math:`\rho_p \ge 1/(6\sqrt2) \approx 0.118`; ``squared`` :math:`\rho_p \ge 1/528` (a
 loose worst case; measured 0.24–0.66 per call). The bounds do not depend on how confident the
-predictions are: scaling every :math:`u, d` together scales :math:`s` and :math:`g` alike. Each
-block tries a few :math:`\lambda` (always including ``1/2``) and keeps the one that needs the
-fewest proposals for its anchors.
+predictions are: scaling every :math:`u, d` together scales :math:`s` and :math:`g` alike.
+
+**Blocks.** The best :math:`\lambda` for an anchor depends on :math:`U_p` (for ``linear``, about
+:math:`W / (M U_p + W)` with :math:`W = \sum_q \delta_q`), so the anchors are sorted by
+:math:`U_p` before they are cut into blocks (:attr:`CandidateBlocks.order`): a block's anchors
+then want about the same :math:`\lambda`. Each block compares the :math:`\lambda` of a grid
+(always including ``1/2``) by the mean proposals per negative :math:`1/\rho_p` at five of its rows
+(quantiles of its sorted :math:`U_p`) and keeps the cheapest one whose acceptance stays at least
+:math:`\min(\tfrac14, \text{that of } \lambda = \tfrac12)` for every row — so the bounds above
+hold for every anchor. Which block an anchor lands in does not change its distribution.
 
 **Rounds.** :math:`\sum_q s(p, q)` (and :math:`\sum_q s^2(p, q)`, from the pool's second moment) is
 known in closed form before drawing, so each anchor's :math:`\rho_p` is known (``sqrt``: a lower
@@ -78,7 +85,8 @@ __all__ = ["CandidateBlocks", "InstanceAwareSampler", "NegativeSamples"]
 _BLOCK_ELEMENTS = 1 << 20  # anchors × candidates scored at once (4 MiB of float32 scores: cache-friendly)
 _Z_SCORE = 1.0  # a round proposes for need + z·sqrt(need) acceptances
 _FIRST_ROUND_QUANTILE = 0.5  # the first round is sized for about this fraction of a block's rows (the rest finish in a small second round)
-_MIXTURE_WEIGHTS = (0.5, 0.2, 0.35, 0.65, 0.8, 0.9)  # λ tried per block (0.5 first: the bounds above)
+_MIXTURE_WEIGHTS = (0.5, 0.05, 0.1, 0.15, 0.2, 0.27, 0.35, 0.42, 0.58, 0.65, 0.72, 0.8, 0.87, 0.93)  # λ tried per block (0.5 first: the bounds above)
+_PLAN_QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)  # rows of a (sorted) block at which the λ are compared
 _SEGMENT_QUANTILES = torch.tensor([0.25, 0.5, 0.75, 0.9])  # where a round's candidates are cut for the loss
 _EXPONENT = {"linear": 1.0, "squared": 2.0, "sqrt": 0.5}
 
@@ -145,6 +153,7 @@ class _Envelope:
         zero_pool: anchors whose scores are all zero up to rounding, ``(A,)`` bool.
         mean_score: exact mean linear score over anchors and pool.
         slack: relative inflation of ``C_p`` covering the rounding of the matrix product.
+        spread_range: ``(δ_min, δ_max)``.
     """
 
     exponent: float
@@ -157,6 +166,7 @@ class _Envelope:
     zero_pool: Tensor
     mean_score: float
     slack: float
+    spread_range: tuple[float, float] = (0.0, 0.0)
 
     @property
     def pool_size(self) -> int:
@@ -166,23 +176,32 @@ class _Envelope:
     def weight_total(self) -> float:
         return float(self.weight_cdf[-1])
 
-    def envelope_constant(self, rows: Tensor, mixture: float) -> Tensor:
-        r"""``C_p = (1 + slack)·max_{δ ∈ [δ_min, δ_max]} min(1, U_p + δ)^k / h(δ)`` for ``rows``, ``(c,)`` float64."""
+    def envelope_constant(self, rows: Tensor, mixture: float | Tensor) -> Tensor:
+        r"""``C_p = (1 + slack)·max_{δ ∈ [δ_min, δ_max]} min(1, U_p + δ)^k / h(δ)`` for ``rows``.
+
+        ``mixture`` is one ``λ`` (output ``(c,)``) or several, ``(L,)`` (output ``(c, L)``), float64.
+        """
         k, pool_size = self.exponent, self.pool_size
-        uniform_part = (1.0 - mixture) / pool_size
-        weighted_part = mixture / self.weight_total if mixture > 0 else 0.0
-        bound = self.bound_offset[rows]  # (c,)
-        low, high = float(self.spread.min()), float(self.spread.max())
+        weights = torch.as_tensor(mixture, dtype=torch.float64, device=rows.device).reshape(-1)  # (L,)
+        uniform_part = (1.0 - weights) / pool_size  # (L,)
+        weighted_part = weights / self.weight_total if self.weight_total > 0 else torch.zeros_like(weights)  # (L,)
+        bound = self.bound_offset[rows][:, None]  # (c, 1)
+        low, high = self.spread_range
+        columns = (bound.shape[0], weights.shape[0])
         points = [
-            torch.full_like(bound, low),
-            torch.full_like(bound, high),
-            (1.0 - bound).clamp(low, high),  # where the cap min(1, ·) starts
+            torch.full(columns, low, dtype=torch.float64, device=rows.device),
+            torch.full(columns, high, dtype=torch.float64, device=rows.device),
+            (1.0 - bound).clamp(low, high).expand(columns),  # where the cap min(1, ·) starts
         ]
-        if k == 2.0 and weighted_part > 0:  # peak of (U + δ)² / (a + bδ²) at δ = a / (b U)
-            points.append((uniform_part / (weighted_part * bound.clamp_min(1e-300))).clamp(low, high))
-        spread = torch.stack(points, dim=1)  # (c, P)
-        ratio = (bound[:, None] + spread).clamp(max=1.0).pow(k) / (uniform_part + weighted_part * spread.pow(k))
-        return ratio.amax(dim=1) * (1.0 + self.slack)  # (c,)
+        if k == 2.0:  # peak of (U + δ)² / (a + bδ²) at δ = a / (b U)
+            peak = uniform_part / (weighted_part * bound.clamp_min(1e-300))  # (c, L), inf where b = 0
+            points.append(peak.nan_to_num(posinf=high).clamp(low, high))
+        spread = torch.stack(points, dim=2)  # (c, L, P)
+        ratio = (bound[:, :, None] + spread).clamp(max=1.0).pow(k) / (
+            uniform_part[:, None] + weighted_part[:, None] * spread.pow(k)
+        )  # (c, L, P)
+        constant = ratio.amax(dim=2) * (1.0 + self.slack)  # (c, L)
+        return constant[:, 0] if not isinstance(mixture, Tensor) or mixture.ndim == 0 else constant
 
     def proposal_density(self, candidates: Tensor, mixture: float) -> Tensor:
         """``h(q)`` of the mixture at ``candidates``, ``(m,)`` float64."""
@@ -266,6 +285,7 @@ def _build_envelope(anchor_probs: Tensor, pool_probs: Tensor, score: str) -> _En
         zero_pool=zero_pool,
         mean_score=float(linear_sum.mean() / pool_size) if anchors.shape[0] else float("nan"),
         slack=float(slack),
+        spread_range=(float(spread.min()), float(spread.max())),
     )
 
 
@@ -438,62 +458,69 @@ class InstanceAwareSampler:
             envelope = _build_envelope(anchor_probs, pool_probs, self.score)
         return self._rejection_sample(envelope, anchor_pool_index, pool_size, generator)
 
-    def _block_plan(self, envelope: _Envelope | None, rows: Tensor) -> tuple[float, Tensor]:
-        """The block's mixture weight ``λ`` and each row's expected acceptance ``ρ_p``, ``(c,)`` float64.
+    def _block_plan(
+        self, envelope: _Envelope | None, rows: Tensor, half_acceptance: Tensor, sorted_rows: bool
+    ) -> tuple[float, Tensor, Tensor]:
+        """The block's mixture weight ``λ``, each row's expected acceptance ``ρ_p`` and constant ``C_p``, ``(c,)`` float64.
 
-        Tries each ``λ`` of :data:`_MIXTURE_WEIGHTS` and keeps the one whose first round (sized by
-        the acceptance at the block's :data:`_FIRST_ROUND_QUANTILE` quantile) is smallest, among
-        those that keep every row's acceptance at least ``min(1/4, what λ = 1/2 gives)`` — so the
-        bounds of the module documentation hold for every anchor.
+        Compares the ``λ`` of :data:`_MIXTURE_WEIGHTS` by the expected proposals per negative
+        (mean ``1/ρ``) at a few rows — the :data:`_PLAN_QUANTILES` positions when the rows are
+        sorted by ``U_p`` (``sorted_rows``), every row otherwise — and keeps the cheapest of those
+        whose acceptance stays at least ``min(1/4, what λ = 1/2 gives)`` (``half_acceptance``,
+        ``(c,)``) for every row of the block, so the bounds of the module documentation hold for
+        every anchor. ``C_p`` is ``None`` for ``"uniform"``.
         """
         if envelope is None:
-            return 0.0, torch.full(rows.shape, self.uniform_acceptance, dtype=torch.float64, device=rows.device)
-        mixtures = _MIXTURE_WEIGHTS if envelope.weight_total > 0 else (0.0,)
+            return 0.0, torch.full(rows.shape, self.uniform_acceptance, dtype=torch.float64, device=rows.device), None
         score_sum = envelope.score_sum[rows]  # (c,)
-        best: tuple[float, float, Tensor] | None = None
-        floor = 0.0
-        for mixture in mixtures:
-            acceptance = (score_sum / envelope.envelope_constant(rows, mixture)).clamp(1e-6, 1.0)  # (c,)
-            lowest = float(acceptance.min())
-            if best is None:  # λ = 1/2 (or the uniform proposal): always allowed
-                floor = min(0.25, lowest)
-            elif lowest < floor:
-                continue
-            typical = float(acceptance.quantile(1.0 - _FIRST_ROUND_QUANTILE)) if acceptance.numel() > 1 else lowest
-            if best is None or typical > best[1]:
-                best = (mixture, typical, acceptance)
-        return best[0], best[2]
+        floor = min(0.25, float(half_acceptance.min()))
+        chosen = 0.0
+        if envelope.weight_total > 0:  # else δ ≡ 0: the uniform proposal is the only mixture
+            mixtures = torch.tensor(_MIXTURE_WEIGHTS, dtype=torch.float64, device=rows.device)  # (L,)
+            if sorted_rows and rows.numel() > len(_PLAN_QUANTILES):
+                picks = torch.tensor([round(q * (rows.numel() - 1)) for q in _PLAN_QUANTILES], device=rows.device)
+            else:
+                picks = torch.arange(rows.numel(), device=rows.device)
+            probe = score_sum[picks, None] / envelope.envelope_constant(rows[picks], mixtures)  # (r, L)
+            probe = probe.clamp(1e-6, 1.0)
+            cost = probe.reciprocal().mean(dim=0)  # (L,) mean proposals per accepted negative
+            cost[probe.amin(dim=0) < floor] = math.inf
+            chosen = float(mixtures[int(cost.argmin())]) if bool(torch.isfinite(cost).any()) else 0.5
+        constant = envelope.envelope_constant(rows, chosen)  # (c,)
+        acceptance = (score_sum / constant).clamp(1e-6, 1.0)  # (c,)
+        if chosen != 0.5 and envelope.weight_total > 0 and float(acceptance.min()) < floor:
+            constant = envelope.envelope_constant(rows, 0.5)
+            return 0.5, (score_sum / constant).clamp(1e-6, 1.0), constant
+        return chosen, acceptance, constant
 
     def _accept(
         self,
         envelope: _Envelope | None,
-        rows: Tensor,
+        row_block: Tensor | None,
         own: Tensor,
         candidates: Tensor,
         mixture: float,
-        row_scale: Tensor | None,
+        coins: Tensor,
         generator: torch.Generator | None,
     ) -> Tensor:
         r"""One coin per (anchor row, candidate), ``(c, m)`` bool: ``True`` with probability ``s^k / (C_p h(q))``.
 
         With a uniform coin :math:`u`, :math:`u < s^k / (C_p h_q)` is tested as
         :math:`u^{1/k} - s\,(C_p h_q)^{-1/k} < 0` (both sides non-negative), and
-        :math:`-s\,(C_p h_q)^{-1/k}` is one matrix product of ``[u_p, 1, -α_p]·C_p^{-1/k}`` with
-        ``[d_q, -β_q, 1]·h_q^{-1/k}``, added onto the transformed coins.
+        :math:`-s\,(C_p h_q)^{-1/k}` is one matrix product of ``row_block`` — the rows'
+        ``[u_p, 1, -α_p]·C_p^{-1/k}`` — with ``[d_q, -β_q, 1]·h_q^{-1/k}``, added onto the
+        transformed coins. ``coins`` is the ``(c, m)`` buffer the coins are drawn into.
         """
-        device = own.device
-        shape = (own.numel(), candidates.numel())
+        coins.uniform_(generator=generator)  # (c, m)
         if envelope is None:
-            accept = torch.rand(shape, generator=generator, device=device) < self.uniform_acceptance  # (c, m)
+            accept = coins < self.uniform_acceptance  # (c, m)
         else:
-            coins = torch.rand(shape, generator=generator, device=device, dtype=envelope.pool_rows.dtype)  # (c, m)
             if envelope.exponent == 2.0:
                 coins.sqrt_()
             elif envelope.exponent == 0.5:
                 coins.square_()
             column_scale = envelope.proposal_density(candidates, mixture).pow(-1.0 / envelope.exponent)  # (m,)
             columns = envelope.pool_rows[candidates] * column_scale.to(envelope.pool_rows.dtype)[:, None]  # (m, E+2)
-            row_block = envelope.anchor_rows[rows] * row_scale[:, None]  # (c, E+2)
             accept = coins.addmm_(row_block, columns.T) < 0  # (c, m): u^{1/k} < s (C_p h_q)^{-1/k}
         # the anchor itself has s = 0: find candidates equal to one of these rows' own pool entry
         own_sorted, own_order = torch.sort(own)  # (c,)
@@ -515,12 +542,22 @@ class InstanceAwareSampler:
         zero_pool = (
             envelope.zero_pool if envelope is not None else torch.zeros(num_anchors, dtype=torch.bool, device=device)
         )  # (A,)
-        # block height from the rows' typical round size (global λ = 1/2), so blocks have similar sizes
-        _, typical = self._block_plan(envelope, torch.arange(num_anchors, device=device))
-        typical = typical[~zero_pool] if bool((~zero_pool).any()) else typical
+        everyone = torch.arange(num_anchors, device=device)  # (A,)
+        # rows sorted by U_p: a block's rows then want about the same mixture λ, so one λ suits them all
+        order = None if envelope is None or num_anchors < 2 else torch.argsort(envelope.bound_offset, stable=True)  # (A,)
+        # block height from the rows' typical round size (λ = 1/2), so blocks have similar sizes
+        if envelope is None:
+            half_acceptance = torch.full((num_anchors,), self.uniform_acceptance, dtype=torch.float64, device=device)
+        else:
+            half_acceptance = (envelope.score_sum / envelope.envelope_constant(everyone, 0.5)).clamp(1e-6, 1.0)  # (A,)
+        typical = half_acceptance[~zero_pool] if bool((~zero_pool).any()) else half_acceptance
+        if order is not None:
+            half_acceptance = half_acceptance[order]  # (A,) in block-row order
         first_size = float(_round_size(torch.tensor([float(num_negatives)]), typical.median().reshape(1).cpu())[0])
         first_size = min(first_size, self.max_proposals_per_slot * num_negatives)
         rows_per_block = max(1, int(_BLOCK_ELEMENTS // max(1.0, first_size)))
+        coin_dtype = envelope.pool_rows.dtype if envelope is not None else torch.float32
+        coin_buffer = torch.empty(0, dtype=coin_dtype, device=device)  # reused by every round of the call
 
         starts, block_candidates, block_columns, block_segments = [], [], [], []
         proposals = accepted = max_rounds_used = fallbacks = fallback_anchors = 0
@@ -528,24 +565,28 @@ class InstanceAwareSampler:
         for start in range(0, num_anchors, rows_per_block):
             stop = min(num_anchors, start + rows_per_block)
             size = stop - start
-            own = anchor_pool_index[start:stop]  # (c,)
-            block_zero = zero_pool[start:stop]  # (c,)
+            rows = everyone[start:stop] if order is None else order[start:stop]  # (c,) the block's anchors
+            own = anchor_pool_index[rows]  # (c,)
+            block_zero = zero_pool[rows]  # (c,)
             # column 0 takes rejections, column R + 1 acceptances beyond a row's need: both dropped
             columns = torch.full((size, num_negatives + 2), -1, dtype=torch.long, device=device)  # (c, R + 2)
-            filled = torch.zeros(size, dtype=torch.long, device=device)  # (c,)
+            filled = torch.zeros(size, dtype=torch.int32, device=device)  # (c,)
             pending = (~block_zero).nonzero(as_tuple=True)[0]  # local rows sampled by rejection
             candidate_parts: list[Tensor] = []
             segments: list[tuple[Tensor | None, int, int]] = []
             offset = rounds = 0
-            mixture, acceptance, row_scale = 0.0, None, None
+            mixture, row_block = 0.0, None
             if pending.numel() > 0:
-                mixture, acceptance = self._block_plan(envelope, start + pending)  # (p,)
+                mixture, acceptance, constant = self._block_plan(
+                    envelope, rows[pending], half_acceptance[start:stop][pending], order is not None
+                )  # (p,), (p,)
                 acceptance_of_row = torch.zeros(size, dtype=torch.float64, device=device)
                 acceptance_of_row[pending] = acceptance
                 min_acceptance = min(min_acceptance, float(acceptance.min()))
-                if envelope is not None:
-                    constant = envelope.envelope_constant(torch.arange(start, stop, device=device), mixture)  # (c,)
-                    row_scale = constant.pow(-1.0 / envelope.exponent).to(envelope.pool_rows.dtype)  # (c,)
+                if envelope is not None:  # zero-pool rows: never scored, any finite scale does
+                    row_scale = torch.ones(size, dtype=torch.float64, device=device)  # (c,)
+                    row_scale[pending] = constant.pow(-1.0 / envelope.exponent)
+                    row_block = envelope.anchor_rows[rows] * row_scale.to(envelope.pool_rows.dtype)[:, None]  # (c, E+2)
             while pending.numel() > 0 and rounds < self.max_rounds:
                 rounds += 1
                 need = num_negatives - filled[pending]  # (p,)
@@ -558,21 +599,24 @@ class InstanceAwareSampler:
                 else:
                     candidates = envelope.propose(num_candidates, mixture, generator)  # (m,)
                 whole_block = pending.numel() == size
+                if coin_buffer.numel() < pending.numel() * num_candidates:
+                    coin_buffer = torch.empty(pending.numel() * num_candidates, dtype=coin_dtype, device=device)
+                coins = coin_buffer[: pending.numel() * num_candidates].view(pending.numel(), num_candidates)  # (p, m)
                 accept = self._accept(
-                    envelope, start + pending, own[pending], candidates, mixture,
-                    None if row_scale is None else row_scale[pending], generator,
+                    envelope, None if row_block is None else (row_block if whole_block else row_block[pending]),
+                    own[pending], candidates, mixture, coins, generator,
                 )  # (p, m)  # fmt: skip
                 # a row's k-th acceptance is its k-th draw: slot = already filled + rank (1-based);
                 # rejections go to slot 0, acceptances beyond the row's need to slot R + 1
-                slot = accept.cumsum(dim=1)  # (p, m): 1-based rank of each acceptance in its row
+                slot = accept.cumsum(dim=1, dtype=torch.int32)  # (p, m): 1-based rank of each acceptance in its row
                 counts = slot[:, -1].clone()  # (p,) acceptances per row
                 already = filled[pending]  # (p,)
                 slot.add_(already[:, None]).mul_(accept).clamp_(max=num_negatives + 1)  # (p, m)
                 values = torch.arange(offset, offset + num_candidates, device=device).expand_as(slot)
                 if whole_block:
-                    columns.scatter_(1, slot, values)
+                    columns.scatter_(1, slot.long(), values)
                 else:
-                    columns[pending] = columns[pending].scatter_(1, slot, values)
+                    columns[pending] = columns[pending].scatter_(1, slot.long(), values)
                 filled[pending] = (already + counts).clamp_(max=num_negatives)
                 candidate_parts.append(candidates)
                 segments.extend(_round_segments(columns, pending, whole_block, offset, num_candidates, num_negatives))
@@ -595,11 +639,11 @@ class InstanceAwareSampler:
                 fallback_anchors += int(short_rows.numel())
             starts.append(start)
             block_candidates.append(torch.cat(candidate_parts))
-            block_columns.append(columns)
+            block_columns.append(columns.to(torch.int32))  # (c, R): half the memory of int64
             block_segments.append(tuple(segments))
             max_rounds_used = max(max_rounds_used, rounds)
         blocks = CandidateBlocks(
-            tuple(starts), tuple(block_candidates), tuple(block_columns), num_negatives, tuple(block_segments)
+            tuple(starts), tuple(block_candidates), tuple(block_columns), num_negatives, tuple(block_segments), order
         )
         return NegativeSamples(
             blocks=blocks,

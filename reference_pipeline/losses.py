@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CriterionConfig",
     "Objective",
+    "other_view_outputs",
     "SetCriterion",
     "pixel_contrast_term",
     "unified_objective",
@@ -552,8 +553,7 @@ class Objective:
             target_geometry.append(unlabeled.weak.geometry)
             instance_ids.append(unlabeled.strong_ids)
         core = getattr(model, "module", model)  # the DDP wrapper's forward is for gradient passes only
-        with torch.no_grad():
-            target = core(torch.cat(target_images).to(device))  # the other view of each image
+        target = other_view_outputs(core, torch.cat(target_images).to(device))  # the other view of each image
         return pixel_contrast_term(
             self.contrast,  # type: ignore[arg-type]
             output,
@@ -562,6 +562,35 @@ class Objective:
             _cat_geometry(target_geometry, device),
             instance_ids=torch.cat(instance_ids).to(device),
         )
+
+
+@torch.no_grad()
+def other_view_outputs(model: nn.Module, images: Tensor) -> SegmentationOutput:
+    """The other view's outputs for ``L_pxl``, without gradients: only its pixel embeddings are read.
+
+    The sampler is driven by the anchor view's predictions, so of the other view the contrastive term
+    needs the embeddings alone. A model with an ``embed(images)`` method (the :class:`Student`) computes
+    just those — the same tensor as ``model(images).pixel_embeddings``, without the decoder — and the
+    returned output carries empty ``(B, 0, h, w)`` mask and ``(B, 0, 1)`` class logits; any other model
+    runs its full forward.
+
+    Args:
+        model: the model (not a DDP wrapper).
+        images: ``(B, 3, H, W)``.
+
+    Returns:
+        A :class:`SegmentationOutput` whose ``pixel_embeddings`` are ``(B, D, h, w)``.
+    """
+    embed = getattr(model, "embed", None)
+    if not callable(embed):
+        return model(images)
+    embeddings = embed(images)  # (B, D, h, w)
+    batch, _, height, width = embeddings.shape
+    return SegmentationOutput(
+        mask_logits=embeddings.new_empty(batch, 0, height, width),
+        class_logits=embeddings.new_empty(batch, 0, 1),
+        pixel_embeddings=embeddings,
+    )
 
 
 def _to(targets: list[InstanceTargets], device: torch.device) -> list[InstanceTargets]:

@@ -102,8 +102,23 @@ LIBRARY: dict[str, Mutation] = {
     ),
     "blocked_segment_rows_without_block_start": (
         "instcontrast/ops/chunked.py",
-        [("grad_anchors.index_add_(0, start + rows,", "grad_anchors.index_add_(0, rows,")],
-        ["tests/test_backends.py"],
+        [("grad_anchors.index_add_(0, blocks.anchor_rows(block, rows),", "grad_anchors.index_add_(0, rows,")],
+        ["tests/test_backends.py", "tests/test_sampler_blocks.py"],
+    ),
+    "blocked_lse_ignores_row_order": (
+        "instcontrast/ops/chunked.py",
+        [("            lse[rows] = torch.logsumexp(", "            lse[blocks.starts[block] : blocks.starts[block] + rows.numel() if not isinstance(rows, slice) else rows] = torch.logsumexp(")],
+        ["tests/test_backends.py", "tests/test_sampler_blocks.py"],
+    ),
+    "blocks_index_ignores_row_order": (
+        "instcontrast/_types.py",
+        [("        index[self.order] = by_row", "        index[:] = by_row")],
+        ["tests/test_sampler_blocks.py"],
+    ),
+    "sampler_row_constants_ignore_row_order": (
+        "instcontrast/sampler.py",
+        [("row_block = envelope.anchor_rows[rows] *", "row_block = envelope.anchor_rows[start:stop] *")],
+        ["tests/test_sampler.py", "tests/test_sampler_blocks.py"],
     ),
     "chunked_backward_first_block_lse": (
         "instcontrast/ops/chunked.py",
@@ -145,7 +160,7 @@ PIPELINE: dict[str, Mutation] = {
         _OBJECTIVE),
     "pixel_target_forward_with_gradients": (
         "reference_pipeline/losses.py",
-        [("with torch.no_grad():\n            target = core(", "with torch.enable_grad():\n            target = core(")],
+        [("@torch.no_grad()\ndef other_view_outputs(", "@torch.enable_grad()\ndef other_view_outputs(")],
         _OBJECTIVE),
     "pixel_geometries_swapped": (
         "reference_pipeline/losses.py",
@@ -167,7 +182,7 @@ PIPELINE: dict[str, Mutation] = {
         _STAGES),
     "distill_from_the_fine_tuned_teacher": (
         "reference_pipeline/stages.py",
-        [('_stage_path(cfg, "teacher_self_train"), "adapt-teacher"', '_stage_path(cfg, "teacher_finetune"), "adapt-teacher"')],
+        [('adapted = _require(cfg, "teacher_self_train")', 'adapted = _require(cfg, "teacher_finetune")')],
         _STAGES),
     "distill_reads_the_fine_tuned_pseudo_label_cache": (
         "reference_pipeline/stages.py", [('"pseudo_labels_teacher_self_train.json"', '"pseudo_labels_teacher_finetune.json"')], _STAGES),
@@ -183,7 +198,7 @@ PIPELINE: dict[str, Mutation] = {
         _STAGES),
     "evaluate_stage_on_the_labeled_split": (
         "reference_pipeline/stages.py",
-        [("metrics = evaluate_model(\n        model, datasets.val,", "metrics = evaluate_model(\n        model, datasets.labeled,")],
+        [("load_stage_model(cfg, datasets, stage), datasets.val, stage", "load_stage_model(cfg, datasets, stage), datasets.labeled, stage")],
         _STAGES),
     "teacher_stages_loaded_into_a_student": (
         "reference_pipeline/stages.py", [('if EVALUABLE[stage] == "teacher":', 'if EVALUABLE[stage] == "student":')], _STAGES),

@@ -152,10 +152,10 @@ class _BlockedLogSumExp(torch.autograd.Function):
         anchors_acc = anchors.to(accumulate)  # (A, D)
         pool_acc = pool.to(accumulate)  # (M, D)
         lse = torch.empty(anchors.shape[0], dtype=accumulate, device=anchors.device)  # (A,)
-        for block, (start, block_columns) in enumerate(zip(blocks.starts, blocks.columns)):
-            stop = start + block_columns.shape[0]
-            scores = block_scores(anchors_acc[start:stop], pool_acc, blocks, block)  # (c, m)
-            lse[start:stop] = torch.logsumexp(scores.gather(1, block_columns) * scale, dim=1)
+        for block, block_columns in enumerate(blocks.columns):
+            rows = blocks.block_rows(block)  # the block's anchors: a slice, or (c,) with a row order
+            scores = block_scores(anchors_acc[rows], pool_acc, blocks, block)  # (c, m)
+            lse[rows] = torch.logsumexp(scores.gather(1, block_columns.long()) * scale, dim=1)
         ctx.save_for_backward(anchors, pool, lse)
         ctx.scale = scale
         ctx.blocks = blocks  # index tensors only: nothing here requires grad
@@ -173,12 +173,13 @@ class _BlockedLogSumExp(torch.autograd.Function):
         need_anchor_grad, need_pool_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_anchors = torch.zeros_like(anchors_acc) if need_anchor_grad else None  # (A, D)
         grad_pool = torch.zeros_like(pool_acc) if need_pool_grad else None  # (M, D)
-        for block, (start, block_columns) in enumerate(zip(blocks.starts, blocks.columns)):
-            stop = start + block_columns.shape[0]
-            block_anchors = anchors_acc[start:stop]  # (c, D)
+        for block, block_columns in enumerate(blocks.columns):
+            block_columns = block_columns.long()  # (c, R) gather/scatter indices (stored as int32)
+            block_rows = blocks.block_rows(block)  # the block's anchors: a slice, or (c,) with a row order
+            block_anchors = anchors_acc[block_rows]  # (c, D)
             candidates = blocks.candidates[block]  # (m,)
             chosen = block_scores(block_anchors, pool_acc, blocks, block).gather(1, block_columns) * scale  # (c, R)
-            weights = torch.exp(chosen - lse[start:stop, None]) * (grad_lse[start:stop, None] * scale)  # (c, R)
+            weights = torch.exp(chosen - lse[block_rows, None]) * (grad_lse[block_rows, None] * scale)  # (c, R)
             # d lse / d score[c, j] summed over the slots that chose column j (repeats add up)
             score_grad = torch.zeros(block_columns.shape[0], candidates.numel(), dtype=accumulate, device=anchors.device)
             score_grad.scatter_add_(1, block_columns, weights)  # (c, m)
@@ -189,10 +190,10 @@ class _BlockedLogSumExp(torch.autograd.Function):
                 else:
                     segment_grad, segment_anchors = score_grad[rows, lo:hi], block_anchors[rows]  # (p, m_s), (p, D)
                 if grad_anchors is not None:
-                    if rows is None:
-                        grad_anchors[start:stop] += segment_grad @ segment_pool  # (c, D)
-                    else:
-                        grad_anchors.index_add_(0, start + rows, segment_grad @ segment_pool)  # (p, D)
+                    if isinstance(block_rows, slice) and rows is None:
+                        grad_anchors[block_rows] += segment_grad @ segment_pool  # (c, D)
+                    else:  # distinct anchors: index_add_ adds each row once
+                        grad_anchors.index_add_(0, blocks.anchor_rows(block, rows), segment_grad @ segment_pool)  # (p, D)
                 if grad_pool is not None:
                     grad_pool.index_add_(0, candidates[lo:hi], segment_grad.T @ segment_anchors)  # (m_s, D)
         if grad_anchors is not None:

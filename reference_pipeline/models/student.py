@@ -690,18 +690,9 @@ class Student(nn.Module):
             output_hidden_states=False, output_attentions=False, return_dict=True,
         )
 
-    def forward(self, images: Tensor) -> SegmentationOutput:
-        """Predict instance masks, classes and contrastive pixel embeddings.
-
-        Args:
-            images: ``(B, 3, H, W)`` float RGB in ``[0, 1]``.
-
-        Returns:
-            :class:`SegmentationOutput` on the stride-4 grid ``(ceil(H/4), ceil(W/4))``.
-
-        Raises:
-            ValueError: images that are not ``(B, 3, H, W)`` floating point.
-        """
+    def _pixel_features(self, images: Tensor) -> tuple[list[Tensor], Tensor | None, Tensor, tuple[int, int]]:
+        """Encoder and neck: levels (coarse → fine), the encoder's stride-2 features (or ``None``), the stride-4
+        features and the padded input size ``(H', W')``."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
         if not images.is_floating_point():
@@ -722,6 +713,44 @@ class Student(nn.Module):
 
         grid = (padded_height // 4, padded_width // 4)
         pixel_features = F.interpolate(levels[-1], size=grid, mode="bilinear", align_corners=False)  # (B, Cn, H'/4, W'/4)
+        return levels, fine, pixel_features, (padded_height, padded_width)
+
+    def _project(self, pixel_features: Tensor, height: int, width: int) -> Tensor:
+        """The projection head on the stride-4 features, cropped to the unpadded grid, ``(B, D, h, w)``."""
+        crop_height, crop_width = math.ceil(height / 4), math.ceil(width / 4)
+        return self.projection_head(pixel_features)[..., :crop_height, :crop_width]
+
+    def embed(self, images: Tensor) -> Tensor:
+        """The contrastive pixel embeddings alone: ``forward(images).pixel_embeddings`` without the decoder.
+
+        Encoder, neck and projection head are the same modules on the same input as in :meth:`forward`
+        (batch-norm statistics included), so the result is the same tensor; the transformer decoder and
+        the mask/class heads, which the embeddings do not depend on, are skipped. The contrastive term
+        uses this for the other view of each image, whose predictions it never reads.
+
+        Args:
+            images: ``(B, 3, H, W)`` float RGB in ``[0, 1]``.
+
+        Returns:
+            ``(B, D, ceil(H/4), ceil(W/4))``.
+        """
+        pixel_features = self._pixel_features(images)[2]
+        return self._project(pixel_features, *images.shape[-2:])
+
+    def forward(self, images: Tensor) -> SegmentationOutput:
+        """Predict instance masks, classes and contrastive pixel embeddings.
+
+        Args:
+            images: ``(B, 3, H, W)`` float RGB in ``[0, 1]``.
+
+        Returns:
+            :class:`SegmentationOutput` on the stride-4 grid ``(ceil(H/4), ceil(W/4))``.
+
+        Raises:
+            ValueError: images that are not ``(B, 3, H, W)`` floating point.
+        """
+        levels, fine, pixel_features, (padded_height, padded_width) = self._pixel_features(images)
+        height, width = images.shape[-2:]
         mask_input = pixel_features
         if self.fine_output is not None:
             fine_grid = (padded_height // 2, padded_width // 2)
@@ -738,9 +767,8 @@ class Student(nn.Module):
         stride = self.mask_stride
         mask_height, mask_width = math.ceil(height / stride), math.ceil(width / stride)
         mask_logits = [m[..., :mask_height, :mask_width] for m in decoded.masks_queries_logits]  # L+1 × (B, K, h, w)
-        crop_height, crop_width = math.ceil(height / 4), math.ceil(width / 4)
         class_logits = [self.class_head(h.transpose(0, 1)) for h in decoded.intermediate_hidden_states]  # (B, K, C+1)
-        embeddings = self.projection_head(pixel_features)[..., :crop_height, :crop_width]  # (B, D, h, w)
+        embeddings = self._project(pixel_features, height, width)  # (B, D, h, w)
         aux_outputs = [
             {"masks_queries_logits": masks, "class_queries_logits": classes}
             for masks, classes in zip(mask_logits[:-1], class_logits[:-1])

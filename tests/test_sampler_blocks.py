@@ -1,0 +1,100 @@
+"""Sorted, multi-block sampler output: the fast paths equal the obviously-correct reference.
+
+The sampler groups anchors by ``U_p`` into blocks (``CandidateBlocks.order``), picks ``λ`` per block
+from a grid and stores the columns as int32. Checked here on odd shapes, several blocks (the block
+budget is shrunk), with and without memory-bank rows in the pool:
+
+- ``order`` is a permutation and ``to_index`` puts every anchor's negatives back on its own row;
+- the blocked log-sum-exp (values and gradients, cloned inputs) and the margin on blocks equal the
+  reference on the expanded index;
+- every anchor's negatives, whatever block it landed in, follow ``s / Σ s`` (chi-square).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from instcontrast import sampler as sampler_module
+from instcontrast.functional import debias_score, empirical_margin, fused_probability
+from instcontrast.ops.chunked import sampled_logsumexp_blocked
+from instcontrast.ops.reference import sampled_logsumexp_reference
+from instcontrast.sampler import InstanceAwareSampler
+
+torch.set_num_threads(1)
+
+
+def _probs(num: int, seed: int, logit_scale: float = 1.0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    mask_logits = logit_scale * torch.randn(1, 5, 1, num, generator=generator)
+    class_logits = logit_scale * torch.randn(1, 5, 4, generator=generator)
+    return fused_probability(mask_logits, class_logits)[0]  # (num, E)
+
+
+def _sample(num_anchors: int, batch_pool: int, bank: int, negatives: int, strategy: str, seed: int = 0):
+    pool = _probs(batch_pool + bank, seed)  # batch rows first, then bank rows (in no anchor's own row)
+    own = torch.arange(num_anchors) % batch_pool  # (A,)
+    sampler = InstanceAwareSampler(num_negatives=negatives, strategy=strategy)
+    return pool, own, sampler(pool[own], pool, own, generator=torch.Generator().manual_seed(seed + 1))
+
+
+@pytest.mark.parametrize("bank", [0, 23], ids=["no-bank", "bank"])
+@pytest.mark.parametrize("strategy", ["fusion", "mask", "uniform"])
+@pytest.mark.parametrize(("num_anchors", "batch_pool", "dim", "negatives"), [(1, 2, 3, 1), (37, 19, 5, 11), (203, 61, 130, 33)])
+def test_sorted_blocks_match_the_reference_on_the_index(monkeypatch, num_anchors, batch_pool, dim, negatives, strategy, bank) -> None:
+    monkeypatch.setattr(sampler_module, "_BLOCK_ELEMENTS", 300)  # a few rows per block: many blocks
+    pool_probs, own, samples = _sample(num_anchors, batch_pool, bank, negatives, strategy)
+    blocks = samples.blocks
+    assert samples.fallbacks == 0
+    if num_anchors > 30:
+        assert len(blocks.starts) > 3
+    if strategy != "uniform" and num_anchors > 1:
+        assert blocks.order is not None
+        assert torch.equal(blocks.order.sort().values, torch.arange(num_anchors))  # a permutation
+        assert not torch.equal(blocks.order, torch.arange(num_anchors))  # really reordered
+    index = samples.index  # (A, R)
+    assert index.shape == (num_anchors, negatives)
+    assert not (index == own[:, None]).any()  # each row excludes its own anchor: rows are not mixed up
+    rebuilt = torch.empty_like(index)
+    for block, (candidates, columns) in enumerate(zip(blocks.candidates, blocks.columns)):
+        rebuilt[blocks.block_rows(block)] = candidates[columns.long()]
+    assert torch.equal(rebuilt, index)
+
+    generator = torch.Generator().manual_seed(7)
+    anchors = torch.nn.functional.normalize(torch.randn(num_anchors, dim, generator=generator), dim=1)
+    pool = torch.nn.functional.normalize(torch.randn(pool_probs.shape[0], dim, generator=generator), dim=1)
+    a_ref, p_ref = anchors.clone().requires_grad_(), pool.clone().requires_grad_()
+    a_blk, p_blk = anchors.clone().requires_grad_(), pool.clone().requires_grad_()
+    upstream = torch.randn(num_anchors, generator=generator)
+    ref = sampled_logsumexp_reference(a_ref, p_ref, index, 3.0)
+    blk = sampled_logsumexp_blocked(a_blk, p_blk, blocks, 3.0)
+    torch.testing.assert_close(blk, ref)
+    (ref * upstream).sum().backward()
+    (blk * upstream).sum().backward()
+    torch.testing.assert_close(a_blk.grad, a_ref.grad)
+    torch.testing.assert_close(p_blk.grad, p_ref.grad)
+    positives = torch.nn.functional.normalize(torch.randn(num_anchors, dim, generator=generator), dim=1)
+    torch.testing.assert_close(empirical_margin(anchors, positives, pool, blocks), empirical_margin(anchors, positives, pool, index))
+
+
+@pytest.mark.parametrize("bank", [0, 9], ids=["no-bank", "bank"])
+@pytest.mark.parametrize("score", ["linear", "squared", "sqrt"])
+def test_every_anchor_of_a_sorted_multi_block_call_samples_its_exact_distribution(monkeypatch, score, bank) -> None:
+    draws = 3000
+    monkeypatch.setattr(sampler_module, "_BLOCK_ELEMENTS", 4 * 2 * draws)  # a few anchors per block
+    batch_pool = 16
+    pool = _probs(batch_pool + bank, seed=3, logit_scale=1.5)
+    own = torch.arange(batch_pool)
+    sampler = InstanceAwareSampler(num_negatives=draws, score=score)
+    out = sampler(pool[own], pool, own, generator=torch.Generator().manual_seed(5))
+    assert out.fallbacks == 0 and len(out.blocks.starts) > 2
+    for anchor in (0, 5, 10, 15):
+        weights = debias_score(pool[anchor][None].double(), pool.double(), score)  # (M,)
+        weights[anchor] = 0.0
+        expected = weights / weights.sum() * draws
+        observed = torch.bincount(out.index[anchor], minlength=pool.shape[0]).double()
+        assert observed[anchor] == 0
+        support = expected > 0
+        assert observed[~support].sum() == 0
+        assert chisquare(observed[support].numpy(), expected[support].numpy()).pvalue > 1e-3, (anchor, observed, expected)
