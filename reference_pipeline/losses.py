@@ -45,8 +45,8 @@ if TYPE_CHECKING:
 __all__ = [
     "CriterionConfig",
     "Objective",
-    "other_view_outputs",
     "SetCriterion",
+    "other_view_outputs",
     "pixel_contrast_term",
     "unified_objective",
 ]

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 
 from .atomic import atomic_write_text
 from .config import STAGES, PipelineConfig
+from .data.loading import first_images
 from .data.structures import InstanceSample
 from .engine import read_metrics
 from .evaluate import InstancePredictions, postprocess_mask2former
@@ -219,7 +220,7 @@ def _overlays(cfg: PipelineConfig, path: Path) -> bool:
     pseudo = stages._read_pseudo(pseudo_file)
     student = stages.load_stage_model(cfg, datasets, "refine")
     count = min(cfg.eval.overlay_images, len(datasets.unlabeled))
-    subset = stages._first(datasets.unlabeled, count)
+    subset = first_images(datasets.unlabeled, count)
     rows: list[list[OverlayPanel]] = []
     for prediction in predict_dataset(student, subset, image_size=tuple(cfg.data.image_size), progress=False):
         sample: InstanceSample = prediction.sample

@@ -46,7 +46,7 @@ from .config import STAGES, ContrastConfig, PipelineConfig, StageConfig, TrainCo
 from .config import stage as stage_entry
 from .data.augment import StrongViewConfig, TwoViewTransform, WeakViewConfig
 from .data.coco import encode_mask
-from .data.loading import Datasets, _first, load_datasets, require_unlabeled  # noqa: F401 (_first: report.py)
+from .data.loading import Datasets, load_datasets, require_unlabeled
 from .data.semi import (
     PseudoInstances,
     PseudoLabeledDataset,

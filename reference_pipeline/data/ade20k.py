@@ -27,7 +27,7 @@ from ..errors import UserError
 from .coco import CocoInstanceDataset
 from .structures import InstanceSample, check_index, load_rgb_image
 
-__all__ = ["ADE20KInstanceDataset", "ADE20K_INSTANCE_CLASSES", "ADE20K_LAYOUT", "mask2former_ade20k_json"]
+__all__ = ["ADE20K_INSTANCE_CLASSES", "ADE20K_LAYOUT", "ADE20KInstanceDataset", "mask2former_ade20k_json"]
 
 logger = logging.getLogger(__name__)
 

@@ -38,16 +38,16 @@ from instcontrast.views import ViewGeometry
 from .structures import InstanceSample
 
 __all__ = [
-    "WeakViewConfig",
     "StrongViewConfig",
+    "TwoViewTransform",
     "View",
     "ViewBatch",
-    "sample_crop",
+    "WeakViewConfig",
     "apply_geometry",
-    "weak_view",
-    "strong_view",
-    "TwoViewTransform",
     "collate_views",
+    "sample_crop",
+    "strong_view",
+    "weak_view",
 ]
 
 _INTERPOLATION = {

@@ -26,7 +26,7 @@ from PIL import Image
 from ..errors import UserError
 from .structures import InstanceSample, check_index, load_rgb_image
 
-__all__ = ["CityscapesInstanceDataset", "CITYSCAPES_THING_CLASSES", "CITYSCAPES_LAYOUT"]
+__all__ = ["CITYSCAPES_LAYOUT", "CITYSCAPES_THING_CLASSES", "CityscapesInstanceDataset"]
 
 logger = logging.getLogger(__name__)
 

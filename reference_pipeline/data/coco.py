@@ -33,10 +33,10 @@ from ..errors import UserError
 from .structures import InstanceSample, check_index, load_rgb_image
 
 __all__ = [
-    "CocoInstanceDataset",
     "COCO_LAYOUT",
-    "encode_mask",
+    "CocoInstanceDataset",
     "decode_segmentation",
+    "encode_mask",
     "samples_to_coco_dict",
     "write_coco_json",
 ]

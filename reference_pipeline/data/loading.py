@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ClassMappedDataset",
     "Datasets",
+    "first_images",
     "load_datasets",
     "load_source_dataset",
     "load_validation",
@@ -88,7 +89,8 @@ def _split(dataset: InstanceDataset, fraction: float, seed: int) -> tuple[Instan
     return SubsetDataset(dataset, labeled_ids), SubsetDataset(dataset, [i for i in ids if i not in chosen])
 
 
-def _first(dataset: InstanceDataset, count: int) -> InstanceDataset:
+def first_images(dataset: InstanceDataset, count: int) -> InstanceDataset:
+    """The first ``count`` images of ``dataset`` (all of them when ``count`` is 0 or covers it)."""
     if count <= 0 or count >= len(dataset):
         return dataset
     return SubsetDataset(dataset, [int(i) for i in list(dataset.image_ids)[:count]])
@@ -180,7 +182,7 @@ def load_datasets(cfg: PipelineConfig, *, progress: bool = True) -> Datasets:
             f"the labeled split is empty (format={data.format}, root={data.root}, label_fraction={data.label_fraction})"
         )
     class_names = list(labeled.class_names)
-    return Datasets(labeled, unlabeled, _first(val, data.max_val_images), source, class_names, category_ids)
+    return Datasets(labeled, unlabeled, first_images(val, data.max_val_images), source, class_names, category_ids)
 
 
 def load_validation(cfg: PipelineConfig, *, progress: bool = True) -> InstanceDataset:
@@ -207,7 +209,7 @@ def load_validation(cfg: PipelineConfig, *, progress: bool = True) -> InstanceDa
         val = CityscapesInstanceDataset(data.root, "val")
     else:
         val = ADE20KInstanceDataset(data.root, "validation")
-    return _first(val, data.max_val_images)
+    return first_images(val, data.max_val_images)
 
 
 def require_unlabeled(datasets: Datasets, stage: str) -> None:

@@ -19,10 +19,10 @@ from PIL import Image
 from ..errors import UserError
 
 __all__ = [
-    "InstanceSample",
     "InstanceDataset",
-    "load_rgb_image",
+    "InstanceSample",
     "instance_id_map",
+    "load_rgb_image",
 ]
 
 logger = logging.getLogger(__name__)

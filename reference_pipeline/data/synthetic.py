@@ -60,15 +60,15 @@ from .coco import CocoInstanceDataset, encode_mask, write_coco_json
 from .structures import InstanceSample
 
 __all__ = [
-    "THING_CLASSES",
-    "SPLITS",
     "GENERATOR_VERSION",
+    "SPLITS",
+    "THING_CLASSES",
     "SyntheticConfig",
-    "render_scene",
-    "synthetic_sample",
     "generate_dataset",
     "load_synthetic_split",
     "read_manifest",
+    "render_scene",
+    "synthetic_sample",
     "touching_same_class_pairs",
 ]
 
