@@ -235,6 +235,9 @@ class ContrastConfig:
         memory_bank: size of the pixel memory bank (0 = mini-batch negatives only).
         gather_distributed: under ``torchrun``, sample negatives from every rank's pixels (the library's
             cross-rank pool, as one large batch would); no effect in one process.
+        max_anchors: average the loss over at most this many randomly chosen valid anchor pixels per step
+            (an unbiased estimate of the paper's mean over all anchors, with more variance; the negatives
+            are still drawn from every pixel). ``None`` (default, the paper): every anchor.
     """
 
     temperature: float = 0.2
@@ -244,6 +247,7 @@ class ContrastConfig:
     loss: Literal["infonce", "hinge"] = "infonce"
     memory_bank: int = 0
     gather_distributed: bool = True
+    max_anchors: int | None = None
 
 
 @dataclass

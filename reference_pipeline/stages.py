@@ -119,6 +119,7 @@ def build_contrast(config: ContrastConfig) -> InstanceAwarePixelContrast:
         loss=config.loss,
         memory_bank=bank,
         gather_distributed=config.gather_distributed,  # no effect without a process group
+        max_anchors=config.max_anchors,
     )
 
 
