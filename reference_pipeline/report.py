@@ -24,6 +24,7 @@ from .data.structures import InstanceSample
 from .engine import read_metrics
 from .evaluate import InstancePredictions, postprocess_mask2former
 from .pipeline_config import PipelineConfig
+from .pseudo_labels import read_pseudo_labels
 from .visualize import OverlayPanel, panel_from_predictions, panel_from_sample, save_overlay_grid
 
 __all__ = ["STAGE_LABELS", "OrderCheck", "order_verdict", "paper_order_checks", "seed_values", "write_report"]
@@ -222,7 +223,7 @@ def _overlays(cfg: PipelineConfig, path: Path) -> bool:
     if not pseudo_file.is_file() or not (cfg.run_path / "student_refine" / stages.WEIGHTS_FILE).is_file():
         return False
     datasets = stages.load_datasets(cfg, progress=False)
-    pseudo = stages._read_pseudo(pseudo_file)
+    pseudo = read_pseudo_labels(pseudo_file)
     student = stages.load_stage_model(cfg, datasets, "student_refine")
     count = min(cfg.eval.overlay_images, len(datasets.unlabeled))
     subset = stages._first(datasets.unlabeled, count)
@@ -230,7 +231,8 @@ def _overlays(cfg: PipelineConfig, path: Path) -> bool:
     for prediction in predict_dataset(student, subset, image_size=tuple(cfg.data.image_size), progress=False):
         sample: InstanceSample = prediction.sample
         labels = pseudo.get(int(sample.image_id))
-        pseudo_panel = OverlayPanel(sample.image, labels.masks, labels.class_ids, labels.scores, "pseudo-labels") if labels \
+        pseudo_panel = OverlayPanel(sample.image, labels.decode_masks(), labels.class_ids, labels.scores,
+                                    "pseudo-labels") if labels is not None \
             else OverlayPanel(sample.image, np.zeros((0, sample.height, sample.width), bool), None, None, "pseudo-labels")
         predicted: InstancePredictions = postprocess_mask2former(
             prediction.mask_logits, prediction.class_logits, (sample.height, sample.width), cfg.eval.top_k
