@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import multiprocessing
 import os
 import platform
@@ -161,6 +162,10 @@ def specs_for(scale: Scale, only: Sequence[str] = ()) -> list[Spec]:
              lambda_pxl=0.0, group="student"),
         Spec("distill step, batch 1 + 1", "train_step", model="student", pseudo=True, lambda_semi=1.0,
              group="distill"),
+        Spec("L_pxl alone (library loss, stride-4 grid), 1 + 1 images", "contrast", batch=2, group="lpxl"),
+        Spec("L_pxl alone (library loss, stride-4 grid), 2 + 2 images", "contrast", batch=4, group="lpxl"),
+        Spec("student forward without gradient (L_pxl target view), batch 1", "teacher_forward", model="student",
+             group="student_target"),
         Spec("teacher backbone (frozen forward, 1 box)", "teacher_forward", boxes=1, group="teacher_backbone"),
         Spec(f"teacher fine-tune step, batch 1, {k} boxes", "train_step", boxes=k, group="teacher_finetune"),
         Spec(f"teacher self-train step, batch 1 + 1, {k} boxes", "train_step", boxes=k, pseudo=True, lambda_semi=1.0,
@@ -173,7 +178,14 @@ def specs_for(scale: Scale, only: Sequence[str] = ()) -> list[Spec]:
         Spec("distill step, batch 2 + 2", "train_step", model="student", batch=2, pseudo=True, lambda_semi=1.0,
              group="distill"),
     ]  # fmt: skip
-    return [s for s in specs if not only or s.group in only or s.group.split("_")[0] in only]
+    if not only:
+        return specs
+
+    def rank(spec: Spec) -> int:  # the groups named run in the order named (batch 2 rows after all batch 1 rows)
+        names = [name for name in only if spec.group == name or spec.group.split("_")[0] == name]
+        return only.index(names[0]) if names else -1
+
+    return sorted((s for s in specs if rank(s) >= 0), key=lambda s: (s.batch > 1, rank(s)))  # batch 2 last
 
 
 # ------------------------------------------------------------------------------------------ builders
@@ -312,6 +324,22 @@ def _prepare(spec: Spec, scale: Scale, device: torch.device) -> tuple[Callable[[
             masks = teacher.segment(embeddings, boxes)  # (1, n, S/4, S/4)
             masks.square().mean().backward()
             teacher.zero_grad(set_to_none=True)
+
+        return step, info
+    if spec.kind == "contrast":  # L_pxl alone: the library loss on the stride-4 grid of `batch` anchor images
+        from reference_pipeline.pipeline_config import PipelineConfig
+        from reference_pipeline.stages import build_contrast
+
+        contrast = build_contrast(PipelineConfig().contrast, 128)
+        grid = (scale.image_size[0] // 4, scale.image_size[1] // 4)
+        weak = torch.randn(spec.batch, 128, *grid, device=device, requires_grad=True)  # (B, D, h, w)
+        strong = torch.randn(spec.batch, 128, *grid, device=device)  # (B, D, h, w) detached target view
+        masks = torch.randn(spec.batch, 100, *grid, device=device)  # (B, K, h, w)
+        classes = torch.randn(spec.batch, 100, len(_class_names()) + 1, device=device)  # (B, K, C+1)
+
+        def step() -> None:
+            contrast(weak, strong, masks, classes).loss.backward()
+            weak.grad = None
 
         return step, info
     if spec.kind == "pseudo_store":
@@ -470,6 +498,12 @@ def _peaks(records: Sequence[dict[str, Any]], group: str, key: str, value: str =
             if r["spec"]["group"] == group and value in r]  # fmt: skip
 
 
+def record_of(records: Sequence[dict[str, Any]], group: str, batch: int) -> dict[str, Any] | None:
+    """The measured row of ``group`` at ``batch`` (``None`` if it did not run or failed)."""
+    found = [r for r in records if "peak_bytes" in r and r["spec"]["group"] == group and r["spec"]["batch"] == batch]
+    return found[0] if found else None
+
+
 def analyse(records: Sequence[dict[str, Any]], scale: Scale) -> dict[str, Any]:
     """Per-box and per-image slopes, components, and the stages extrapolated to the paper's per-GPU batches."""
     out: dict[str, Any] = {"slopes": {}, "components": {}, "stages": {}}
@@ -501,7 +535,13 @@ def analyse(records: Sequence[dict[str, Any]], scale: Scale) -> dict[str, Any]:
     components["sam2_decoder_per_box_chunked"] = out["slopes"].get("sam2_chunked_per_box")
     student, distill = peak("student"), peak("distill")
     components["student"] = student
-    components["l_pxl"] = None if student is None or distill is None else distill - student
+    lpxl = record_of(records, "lpxl", 2)
+    components["l_pxl"] = (distill - student if student is not None and distill is not None
+                           else None if lpxl is None else float(lpxl["peak_bytes"]))  # fmt: skip
+    target = record_of(records, "student_target", 1)
+    components["student_target_view"] = None if target is None else float(target["step_bytes"])
+    refine = record_of(records, "refine", 1)
+    components["student_anchor_image"] = None if refine is None else float(refine["step_bytes"])
     components["pseudo_store_dense_per_image"] = out["slopes"].get("store_dense_per_image")
     components["pseudo_store_rle_per_image"] = out["slopes"].get("store_rle_per_image")
     dense = components["pseudo_store_dense_per_image"]
@@ -509,26 +549,66 @@ def analyse(records: Sequence[dict[str, Any]], scale: Scale) -> dict[str, Any]:
     components["pseudo_store_dense_split"] = None if dense is None else dense * UNLABELED_IMAGES
     components["pseudo_store_rle_split"] = None if rle is None else rle * UNLABELED_IMAGES
 
-    teacher_batch, student_batch = 4 // PAPER_GPUS, 8 // PAPER_GPUS  # per GPU
     stages = out["stages"]
-    stages["teacher_finetune"] = {"batch": f"{teacher_batch} labeled", "bytes": peak("teacher_finetune"),
-                                  "how": "measured at the per-GPU batch"}  # fmt: skip
-    stages["teacher_self_train"] = {"batch": f"{teacher_batch} + {teacher_batch} pseudo",
-                                    "bytes": peak("teacher_self_train"), "how": "measured at the per-GPU batch"}  # fmt: skip
-    eval_batch = 8
-    pl = (out["slopes"].get("pseudo_label_intercept"), out["slopes"].get("pseudo_label_per_image"))
-    stages["pseudo_label"] = {"batch": f"eval.batch_size={eval_batch} (rank 0)",
-                              "bytes": None if None in pl else pl[0] + eval_batch * pl[1],
-                              "how": "fit of batch 1 and 2, extrapolated"}  # fmt: skip
-    for group, label in (("distill", f"{student_batch} + {student_batch} pseudo"), ("refine", f"{student_batch} labeled")):
-        line = (out["slopes"].get(f"{group}_intercept"), out["slopes"].get(f"{group}_per_image"))
-        measured = [r for r in records if r["spec"]["group"] == group and r["spec"]["batch"] == student_batch
-                    and "peak_bytes" in r]  # fmt: skip
-        if measured:
-            stages[group] = {"batch": label, "bytes": float(measured[0]["peak_bytes"]), "how": "measured"}
+    records_ok = [r for r in records if "peak_bytes" in r]
+
+    def record(group: str, batch: int) -> dict[str, Any] | None:
+        found = [r for r in records_ok if r["spec"]["group"] == group and r["spec"]["batch"] == batch]
+        return found[0] if found else None
+
+    def stage(name: str, batch: str, group: str, per_gpu: int, fallback: Callable[[], tuple[float, str] | None]) -> None:
+        """Measured at the per-GPU batch when that row ran; else the fit over measured batches; else ``fallback``."""
+        measured = record(group, per_gpu)
+        line = fit(_peaks(records, group, "batch"))
+        if measured is not None:
+            stages[name] = {"batch": batch, "bytes": float(measured["peak_bytes"]), "how": "measured"}
+        elif line is not None:
+            stages[name] = {"batch": batch, "bytes": line[0] + per_gpu * line[1], "how": "fit over batch 1 and 2"}
         else:
-            stages[group] = {"batch": label, "bytes": None if None in line else line[0] + student_batch * line[1],
-                             "how": "fit of batch 1 and 2, extrapolated"}  # fmt: skip
+            estimate = fallback()
+            stages[name] = {"batch": batch, "bytes": None if estimate is None else estimate[0],
+                            "how": "not measured" if estimate is None else estimate[1]}  # fmt: skip
+
+    def per_image(group: str) -> tuple[float, float] | None:
+        """(state before the step, the step's extra bytes) of the batch-1 row of ``group``."""
+        row = record(group, 1)
+        return None if row is None else (float(row["before_step_bytes"]), float(row["step_bytes"]))
+
+    def self_train() -> tuple[float, str] | None:
+        finetune = per_image("teacher_finetune")
+        if finetune is None:
+            return None
+        return finetune[0] + 2 * finetune[1], "fine-tune step at batch 1, its step bytes × 2 images (upper bound)"
+
+    def distill() -> tuple[float, str] | None:
+        refine, lpxl = per_image("refine"), record("lpxl", 2 * student_batch)
+        target = record("student_target", 1)
+        if refine is None or lpxl is None or target is None:
+            return None
+        anchors = 2 * student_batch  # labeled weak views + pseudo-labeled strong views, with gradients
+        total = refine[0] + anchors * (refine[1] + float(target["step_bytes"])) + float(lpxl["peak_bytes"])
+        return total, (f"refine step at batch 1 × {anchors} anchor images + {anchors} no-grad target views "
+                       f"+ L_pxl of {anchors} images (upper bound)")  # fmt: skip
+
+    def refine_extrapolated() -> tuple[float, str] | None:
+        refine = per_image("refine")
+        if refine is None:
+            return None
+        return refine[0] + student_batch * refine[1], f"refine step at batch 1, its step bytes × {student_batch}"
+
+    def pseudo_label() -> tuple[float, str] | None:
+        row = record("pseudo_label", 1)
+        if row is None:
+            return None
+        return float(row["before_step_bytes"]) + eval_batch * float(row["step_bytes"]), f"batch 1 × {eval_batch}"
+
+    teacher_batch, student_batch, eval_batch = 4 // PAPER_GPUS, 8 // PAPER_GPUS, 8  # per GPU; eval.batch_size
+    stage("teacher_finetune", f"{teacher_batch} labeled", "teacher_finetune", teacher_batch, lambda: None)
+    stage("teacher_self_train", f"{teacher_batch} + {teacher_batch} pseudo", "teacher_self_train", teacher_batch,
+          self_train)  # fmt: skip
+    stage("pseudo_label", f"eval.batch_size={eval_batch} (rank 0)", "pseudo_label", eval_batch, pseudo_label)
+    stage("distill", f"{student_batch} + {student_batch} pseudo", "distill", student_batch, distill)
+    stage("refine", f"{student_batch} labeled", "refine", student_batch, refine_extrapolated)
     return out
 
 
@@ -551,7 +631,10 @@ def render(records: Sequence[dict[str, Any]], analysis: dict[str, Any], scale: S
         ["tiny-teacher self-train step (1 + 1 images, without the pseudo-label store)",
          format_bytes(comp["tiny_teacher_self_train_step"])],
         ["student step without L_pxl (1 + 1 images)", format_bytes(comp["student"])],
-        ["L_pxl (distill − student, 1 + 1 images)", format_bytes(comp["l_pxl"])],
+        ["student: one anchor image, forward + backward (refine step at batch 1, above its state)",
+         format_bytes(comp["student_anchor_image"])],
+        ["student: one no-grad target view (L_pxl's other view)", format_bytes(comp["student_target_view"])],
+        ["L_pxl (1 + 1 images)", format_bytes(comp["l_pxl"])],
         ["pseudo-labels per image held dense (before)", format_bytes(comp["pseudo_store_dense_per_image"])],
         ["pseudo-labels per image held as RLE (after)", format_bytes(comp["pseudo_store_rle_per_image"])],
         [f"pseudo-labels of {UNLABELED_IMAGES} images, dense (before)", format_bytes(comp["pseudo_store_dense_split"])],
@@ -574,9 +657,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--limit-gib", type=float, default=8.0, help="CPU: a worker's allocation limit (RLIMIT_DATA)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration")
-    parser.add_argument("--only", nargs="*", default=[], help="groups to run (e.g. sam2 store distill)")
+    parser.add_argument("--only", nargs="*", default=[], help="groups to run, in this order (e.g. sam2 store distill)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--tag", default=NAME)
+    parser.add_argument("--merge", nargs="*", type=Path, default=[],
+                        help="no measurement: one report from the records of earlier runs' JSON files (later files win)")
     return parser.parse_args(argv)
 
 
@@ -586,6 +671,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     scale = smoke_scale() if args.smoke else paper_scale(tuple(args.image_size))
     limit = None if device != "cpu" else int(args.limit_gib * GIB)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    if args.merge:
+        merged: dict[str, dict[str, Any]] = {}
+        for path in args.merge:
+            for row in json.loads(path.read_text(encoding="utf-8"))["records"]:
+                if "peak_bytes" in row or row["spec"]["name"] not in merged:
+                    merged[row["spec"]["name"]] = row
+        order = {spec.name: index for index, spec in enumerate(specs_for(scale))}
+        rows = sorted(merged.values(), key=lambda row: order.get(row["spec"]["name"], len(order)))
+        analysis = analyse(rows, scale)
+        payload = {"environment": environment_info(torch.device(device)), "scale": scale.__dict__, "records": rows,
+                   "analysis": analysis, "merged_from": [str(p) for p in args.merge]}  # fmt: skip
+        write_report(args.tag, args.out, payload, render(rows, analysis, scale, device))
+        return payload
     records: list[dict[str, Any]] = []
     payload: dict[str, Any] = {}
     for spec in specs_for(scale, args.only):

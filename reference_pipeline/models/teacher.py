@@ -835,8 +835,8 @@ class FoundationTeacher(nn.Module):
         features (:func:`~reference_pipeline.models.sam2_boxes.decode_boxes`: broadcast, not copied per
         box as ``Sam2Model`` does). What remains per box is inherent to SAM2: its two-way transformer
         updates the image embedding once per prompt, and each box's updated embedding is upscaled to its
-        own stride-4 features (about 60 MB per box at SAM2's 1024 input in a training pass, see
-        ``benchmarks/results/bench_memory.md``). So with gradients on, each chunk of boxes is decoded
+        own stride-4 features: about 80 MiB per box at SAM2's 1024 input in a training pass (106 MiB with
+        ``Sam2Model``'s per-box copies; ``benchmarks/results/bench_memory.md``). So with gradients on, each chunk of boxes is decoded
         under activation checkpointing: only the chunk being decoded (or, in the backward pass,
         recomputed) holds those tensors, and memory grows with ``box_chunk``, not with the number of
         boxes. Without gradients the chunks are decoded one after the other.
