@@ -436,7 +436,7 @@ def _worker_entry(spec: Spec, scale: Scale, device: str, threads: int, limit: in
     except BaseException as error:  # noqa: BLE001 - reported to the parent, never hidden
         oom = isinstance(error, MemoryError) or "DefaultCPUAllocator" in str(error) or "out of memory" in str(error)
         message = f"OOM (over the {limit / GIB:.0f} GiB limit)" if oom and limit else f"{type(error).__name__}: {error}"
-        connection.send(("error", message + "\n" + traceback.format_exc(limit=3)[-1500:]))
+        connection.send(("error", message + "\n" + traceback.format_exc()[-4000:]))
     finally:
         connection.close()
 
