@@ -660,6 +660,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", nargs="*", default=[], help="groups to run, in this order (e.g. sam2 store distill)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--tag", default=NAME)
+    parser.add_argument("--note", action="append", default=[], help="a line for the report's Notes section")
     parser.add_argument("--merge", nargs="*", type=Path, default=[],
                         help="no measurement: one report from the records of earlier runs' JSON files (later files win)")
     return parser.parse_args(argv)
@@ -682,7 +683,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         analysis = analyse(rows, scale)
         payload = {"environment": environment_info(torch.device(device)), "scale": scale.__dict__, "records": rows,
                    "analysis": analysis, "merged_from": [str(p) for p in args.merge]}  # fmt: skip
-        write_report(args.tag, args.out, payload, render(rows, analysis, scale, device))
+        notes = "".join(f"- {note}\n" for note in args.note)
+        payload["notes"] = args.note
+        write_report(args.tag, args.out, payload, render(rows, analysis, scale, device) + (f"\n## Notes\n\n{notes}" if notes else ""))
         return payload
     records: list[dict[str, Any]] = []
     payload: dict[str, Any] = {}
