@@ -280,7 +280,12 @@ def build_batch(scale: Scale, batch: int, pseudo: bool) -> Any:
 def _objective(model: Any, spec: Spec, embedding_dim: int) -> Any:
     from reference_pipeline.losses import SetCriterion
     from reference_pipeline.pipeline_config import PipelineConfig
-    from reference_pipeline.stages import Objective, build_contrast
+    from reference_pipeline.stages import build_contrast
+
+    try:
+        from reference_pipeline.losses import Objective  # where Objective lives after issue 17's merge
+    except ImportError:
+        from reference_pipeline.stages import Objective
 
     cfg = PipelineConfig()
     criterion = SetCriterion(len(_class_names()), replace(cfg.criterion, mask_stride=getattr(model, "mask_stride", 4)))
