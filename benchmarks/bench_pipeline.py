@@ -33,7 +33,6 @@ import torch  # noqa: E402
 from reference_pipeline import stages  # noqa: E402
 from reference_pipeline.config import QUICK_OVERRIDES, load_pipeline_config  # noqa: E402
 from reference_pipeline.data.semi import (  # noqa: E402
-    PseudoInstances,
     PseudoLabeledDataset,
     SemiSupervisedDataset,
     TwoViewDataset,
@@ -42,6 +41,7 @@ from reference_pipeline.data.semi import (  # noqa: E402
 from reference_pipeline.engine import train  # noqa: E402
 from reference_pipeline.inference import measure_latency  # noqa: E402
 from reference_pipeline.losses import Objective, SetCriterion, other_view_outputs  # noqa: E402
+from reference_pipeline.pseudo_labels import PseudoInstances  # noqa: E402
 
 NAME = "bench_pipeline"
 GOAL_OVERHEAD = 1.2
@@ -54,7 +54,7 @@ def ground_truth_as_pseudo(dataset: Any) -> dict[int, PseudoInstances]:
     pseudo = {}
     for index in range(len(dataset)):
         sample = dataset[index]
-        pseudo[int(sample.image_id)] = PseudoInstances(sample.masks, sample.class_ids, np.ones(sample.num_instances))
+        pseudo[int(sample.image_id)] = PseudoInstances.from_masks(sample.masks, sample.class_ids, np.ones(sample.num_instances))
     return pseudo
 
 

@@ -15,35 +15,43 @@ For one image with query outputs ``mask_logits (K, h, w)`` and ``class_logits (K
    (it lost most of its area to higher-scoring instances), and at most ``max_instances`` are kept.
 
 So every pixel belongs to at most one pseudo-instance: the highest-scoring kept instance whose
-binary mask covers it. The result is an :class:`~reference_pipeline.models.outputs.InstanceTargets`
-at image size plus the scores, usable as training targets by
+binary mask covers it. The result is a :class:`PseudoInstances` (masks as compressed RLE at image
+size, classes, scores), usable as training targets (:meth:`PseudoInstances.targets`) by
 :class:`~reference_pipeline.losses.SetCriterion` and measurable against ground truth with
 COCO mask AP (:func:`pseudo_label_quality`).
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pycocotools.mask as mask_utils
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .atomic import atomic_write_json
 from .data.structures import InstanceSample
 from .evaluate import InstancePredictions, check_query_outputs, evaluate_coco_masks
 from .models.outputs import InstanceTargets, SegmentationOutput
 
 __all__ = [
+    "PseudoInstances",
     "PseudoLabelConfig",
-    "PseudoLabels",
+    "encode_rle",
     "pseudo_label",
     "pseudo_label_batch",
     "pseudo_label_quality",
+    "read_pseudo_labels",
     "resize_mask_logits",
     "summarize_pseudo_labels",
+    "write_pseudo_labels",
 ]
 
 
@@ -90,33 +98,189 @@ class PseudoLabelConfig:
             raise ValueError(f"mask_stride must be a positive int or None, got {self.mask_stride!r}")
 
 
-@dataclass
-class PseudoLabels:
-    """The pseudo-instances of one image.
+@dataclass(frozen=True)
+class PseudoInstances:
+    """The pseudo-instances of one image, the one container for pseudo-labels in memory and on disk.
+
+    Masks are held as compressed COCO RLE (a few hundred bytes for a typical instance, against
+    ``H·W`` bytes dense: 2 MB at Cityscapes' 1024×2048) and decoded only when a sample is drawn
+    (:meth:`decode_masks`), so the pseudo-labels of a whole unlabeled split fit in memory.
 
     Attributes:
-        targets: bool masks ``(M, H, W)`` at image size and class ids ``(M,)``, sorted by
-            decreasing score; masks never overlap.
-        scores: ``(M,)`` class probability of each instance.
-        query_indices: ``(M,)`` the query each instance came from.
+        size: ``(H, W)`` of the image the masks are for.
+        rles: one pycocotools RLE ``{"size": [H, W], "counts": bytes}`` per instance, sorted by
+            decreasing score; the masks never overlap.
+        class_ids: ``(M,)`` int64 class of each instance.
+        scores: ``(M,)`` float64 class probability of each instance.
+        query_indices: ``(M,)`` int64 the teacher query each instance came from (``None`` when read
+            from a file, which does not store them).
+
+    Raises:
+        ValueError: on inconsistent lengths or an RLE of another size than ``size``.
     """
 
-    targets: InstanceTargets
-    scores: Tensor
-    query_indices: Tensor
+    size: tuple[int, int]
+    rles: tuple[dict[str, Any], ...]
+    class_ids: np.ndarray
+    scores: np.ndarray
+    query_indices: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", (int(self.size[0]), int(self.size[1])))
+        object.__setattr__(self, "rles", tuple(self.rles))
+        object.__setattr__(self, "class_ids", np.asarray(self.class_ids, dtype=np.int64).reshape(-1))
+        object.__setattr__(self, "scores", np.asarray(self.scores, dtype=np.float64).reshape(-1))
+        if self.query_indices is not None:
+            object.__setattr__(self, "query_indices", np.asarray(self.query_indices, dtype=np.int64).reshape(-1))
+        count = len(self.rles)
+        lengths = [self.class_ids.shape[0], self.scores.shape[0]]
+        if self.query_indices is not None:
+            lengths.append(self.query_indices.shape[0])
+        if any(length != count for length in lengths):
+            raise ValueError(f"{count} masks but class_ids / scores / query_indices of lengths {lengths}")
+        for rle in self.rles:
+            if [int(v) for v in rle["size"]] != list(self.size) or not isinstance(rle["counts"], bytes):
+                raise ValueError(f"each RLE must be of size {list(self.size)} with bytes counts, got size {rle['size']}")
+
+    @classmethod
+    def from_masks(
+        cls,
+        masks: np.ndarray | Tensor,
+        class_ids: np.ndarray | Tensor,
+        scores: np.ndarray | Tensor,
+        query_indices: np.ndarray | Tensor | None = None,
+    ) -> PseudoInstances:
+        """Encode dense masks.
+
+        Shape:
+            - masks: ``(M, H, W)`` bool (or 0/1), numpy or torch (any device)
+            - class_ids, scores, query_indices: ``(M,)``
+        """
+        dense = masks.detach().cpu().numpy() if isinstance(masks, Tensor) else np.asarray(masks)
+        if dense.ndim != 3:
+            raise ValueError(f"masks must be (M, H, W), got shape {tuple(dense.shape)}")
+        return cls(
+            size=(dense.shape[1], dense.shape[2]),
+            rles=tuple(encode_rle(mask) for mask in dense),
+            class_ids=_numpy(class_ids),
+            scores=_numpy(scores),
+            query_indices=None if query_indices is None else _numpy(query_indices),
+        )
+
+    @classmethod
+    def empty(cls, size: tuple[int, int]) -> PseudoInstances:
+        """No instance in an image of ``size``."""
+        return cls(size=size, rles=(), class_ids=np.zeros(0, np.int64), scores=np.zeros(0), query_indices=None)
 
     @property
     def num_instances(self) -> int:
         """Number of pseudo-instances ``M``."""
-        return int(self.scores.shape[0])
+        return len(self.rles)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the masks (RLE counts) and the per-instance arrays."""
+        arrays = self.class_ids.nbytes + self.scores.nbytes
+        arrays += 0 if self.query_indices is None else self.query_indices.nbytes
+        return sum(len(rle["counts"]) for rle in self.rles) + arrays
+
+    def decode_masks(self) -> np.ndarray:
+        """The dense masks (decoded now, not cached).
+
+        Shape:
+            - output: ``(M, H, W)`` bool
+        """
+        if not self.rles:
+            return np.zeros((0, *self.size), dtype=bool)
+        return mask_utils.decode(list(self.rles)).transpose(2, 0, 1).astype(bool)  # (M, H, W)
+
+    def targets(self) -> InstanceTargets:
+        """The pseudo-instances as training targets (bool masks ``(M, H, W)``, int64 classes; CPU)."""
+        return InstanceTargets(masks=torch.from_numpy(self.decode_masks()), class_ids=torch.from_numpy(self.class_ids))
 
     def to_predictions(self) -> InstancePredictions:
-        """The pseudo-labels as scored predictions (numpy, CPU) for :mod:`reference_pipeline.evaluate`."""
-        return InstancePredictions(
-            masks=self.targets.masks.bool().cpu().numpy(),
-            class_ids=self.targets.class_ids.cpu().numpy(),
-            scores=self.scores.detach().double().cpu().numpy(),
+        """The pseudo-labels as scored predictions for :mod:`reference_pipeline.evaluate`."""
+        return InstancePredictions(masks=self.decode_masks(), class_ids=self.class_ids, scores=self.scores)
+
+    def select(self, index: Sequence[int] | np.ndarray) -> PseudoInstances:
+        """The instances at ``index`` (in that order)."""
+        index = np.asarray(index, dtype=np.int64).reshape(-1)
+        return PseudoInstances(
+            size=self.size,
+            rles=tuple(self.rles[i] for i in index.tolist()),
+            class_ids=self.class_ids[index],
+            scores=self.scores[index],
+            query_indices=None if self.query_indices is None else self.query_indices[index],
         )
+
+    def to_record(self) -> dict[str, Any]:
+        """The JSON record of the pseudo-label file (see :func:`write_pseudo_labels`)."""
+        return {
+            "masks": [{"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")} for rle in self.rles],
+            "shape": [self.num_instances, *self.size],
+            "class_ids": self.class_ids.tolist(),
+            "scores": self.scores.tolist(),
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> PseudoInstances:
+        """Inverse of :meth:`to_record` (no mask is decoded).
+
+        Raises:
+            ValueError: on a record without the format's keys or with inconsistent shapes.
+        """
+        missing = [key for key in _RECORD_KEYS if key not in record]
+        if missing:
+            raise ValueError(f"not a pseudo-label record: missing {missing} (expected keys {list(_RECORD_KEYS)})")
+        count, height, width = (int(v) for v in record["shape"])
+        if len(record["masks"]) != count:
+            raise ValueError(f"record shape says {count} masks, it holds {len(record['masks'])}")
+        rles = tuple({"size": [int(v) for v in rle["size"]], "counts": rle["counts"].encode("ascii")} for rle in record["masks"])
+        return cls(size=(height, width), rles=rles, class_ids=record["class_ids"], scores=record["scores"])
+
+
+_RECORD_KEYS = ("masks", "shape", "class_ids", "scores")
+
+
+def encode_rle(mask: np.ndarray | Tensor) -> dict[str, Any]:
+    """Compressed COCO RLE ``{"size": [H, W], "counts": bytes}`` of one ``(H, W)`` binary mask (numpy or torch)."""
+    dense = _numpy(mask)
+    if dense.ndim != 2:
+        raise ValueError(f"mask must be (H, W), got shape {tuple(dense.shape)}")
+    rle = mask_utils.encode(np.asfortranarray(dense.astype(np.uint8)))
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"]}
+
+
+def _numpy(values: np.ndarray | Tensor) -> np.ndarray:
+    return values.detach().cpu().numpy() if isinstance(values, Tensor) else np.asarray(values)
+
+
+def write_pseudo_labels(path: str | Path, pseudo: Mapping[int, PseudoInstances]) -> Path:
+    """Write pseudo-labels atomically as JSON ``{image_id: record}`` (:meth:`PseudoInstances.to_record`).
+
+    The format is the one every earlier run wrote: masks as compressed COCO RLE strings, plus
+    ``shape`` ``[M, H, W]``, ``class_ids`` and ``scores`` per image.
+
+    Returns:
+        ``path``.
+    """
+    return atomic_write_json(path, {str(image_id): labels.to_record() for image_id, labels in pseudo.items()})
+
+
+def read_pseudo_labels(path: str | Path) -> dict[int, PseudoInstances]:
+    """Read a file of :func:`write_pseudo_labels`; masks stay RLE (decoded per sample on access).
+
+    Raises:
+        ValueError: naming the file when it is not a pseudo-label file of this format.
+    """
+    path = Path(path)
+    records = json.loads(path.read_text(encoding="utf-8"))
+    try:  # a JSON list or scalar fails on .items()
+        return {int(image_id): PseudoInstances.from_record(record) for image_id, record in records.items()}
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise ValueError(
+            f"{path} is not a pseudo-label file of this format ({error}); delete it to pseudo-label again"
+        ) from error
 
 
 def resize_mask_logits(
@@ -174,7 +338,7 @@ def pseudo_label(
     image_size: tuple[int, int],
     config: PseudoLabelConfig | None = None,
     input_size: tuple[int, int] | None = None,
-) -> PseudoLabels:
+) -> PseudoInstances:
     """Pseudo-instances of one image from its query outputs (see the module docstring).
 
     Args:
@@ -190,7 +354,7 @@ def pseudo_label(
         - class_logits: :math:`(K, C+1)`
 
     Returns:
-        :class:`PseudoLabels` on the device of ``mask_logits`` (possibly with ``M = 0``).
+        :class:`PseudoInstances` (masks as RLE, on the host; possibly with ``M = 0``).
 
     Raises:
         ValueError: on mismatched shapes, fewer than one class, non-finite logits, or a logit
@@ -208,7 +372,7 @@ def pseudo_label(
         candidates = candidates[order]  # (K',) by decreasing score, ties by query index
         logit_threshold = math.log(config.mask_threshold / (1.0 - config.mask_threshold))
         taken = torch.zeros((height, width), dtype=torch.bool, device=device)  # (H, W)
-        kept_masks: list[Tensor] = []
+        kept_rles: list[dict[str, Any]] = []  # encoded as they are kept: never M dense masks at once
         kept: list[int] = []
         for slot in range(candidates.numel()):
             if len(kept) == config.max_instances:
@@ -224,17 +388,13 @@ def pseudo_label(
             if area < config.min_area or area < config.min_visible_fraction * full_area:
                 continue
             taken |= visible
-            kept_masks.append(visible)
+            kept_rles.append(encode_rle(visible))
             kept.append(slot)
         index = torch.as_tensor(kept, dtype=torch.int64, device=device)  # (M,)
         queries = candidates[index]  # (M,)
-        masks = (
-            torch.stack(kept_masks) if kept_masks else torch.zeros((0, height, width), dtype=torch.bool, device=device)
-        )
-    return PseudoLabels(
-        targets=InstanceTargets(masks=masks, class_ids=classes[queries].to(torch.int64)),
-        scores=scores[queries],
-        query_indices=queries,
+    return PseudoInstances(
+        size=(height, width), rles=tuple(kept_rles), class_ids=_numpy(classes[queries]), scores=_numpy(scores[queries]),
+        query_indices=_numpy(queries),
     )
 
 
@@ -242,7 +402,7 @@ def pseudo_label_batch(
     output: SegmentationOutput,
     image_size: tuple[int, int] | Sequence[tuple[int, int]],
     config: PseudoLabelConfig | None = None,
-) -> list[PseudoLabels]:
+) -> list[PseudoInstances]:
     """:func:`pseudo_label` for every image of a batch of model outputs.
 
     Args:
@@ -251,7 +411,7 @@ def pseudo_label_batch(
         config: thresholds; default :class:`PseudoLabelConfig`.
 
     Returns:
-        One :class:`PseudoLabels` per image.
+        One :class:`PseudoInstances` per image.
 
     Raises:
         ValueError: if the number of image sizes differs from the batch size (and as
@@ -272,7 +432,7 @@ def pseudo_label_batch(
     ]
 
 
-def summarize_pseudo_labels(pseudo: Sequence[PseudoLabels]) -> dict[str, float]:
+def summarize_pseudo_labels(pseudo: Sequence[PseudoInstances]) -> dict[str, float]:
     """Counts for logging: instances per image and empty images.
 
     Args:
@@ -288,7 +448,7 @@ def summarize_pseudo_labels(pseudo: Sequence[PseudoLabels]) -> dict[str, float]:
     if not pseudo:
         raise ValueError("cannot summarise an empty list of pseudo-labels")
     counts = [p.num_instances for p in pseudo]
-    scores = torch.cat([p.scores.detach().float().cpu() for p in pseudo])  # (sum M,)
+    scores = np.concatenate([p.scores for p in pseudo])  # (sum M,)
     return {
         "images": float(len(counts)),
         "instances": float(sum(counts)),
@@ -296,12 +456,12 @@ def summarize_pseudo_labels(pseudo: Sequence[PseudoLabels]) -> dict[str, float]:
         "instances_min": float(min(counts)),
         "instances_max": float(max(counts)),
         "empty_images": float(sum(c == 0 for c in counts)),
-        "score_mean": float(scores.mean()) if scores.numel() else math.nan,
+        "score_mean": float(scores.mean()) if scores.size else math.nan,
     }
 
 
 def pseudo_label_quality(
-    pseudo: Sequence[PseudoLabels],
+    pseudo: Sequence[PseudoInstances],
     samples: Sequence[InstanceSample],
     class_names: Sequence[str],
 ) -> dict[str, float]:

@@ -25,6 +25,7 @@ from .data.loading import first_images
 from .data.structures import InstanceSample
 from .engine import read_metrics
 from .evaluate import InstancePredictions, postprocess_mask2former
+from .pseudo_labels import read_pseudo_labels
 from .teachers import PIPELINE_KINDS, pipeline_teacher_cache, pretrains_teacher
 from .visualize import OverlayPanel, panel_from_predictions, panel_from_sample, save_overlay_grid
 
@@ -217,7 +218,7 @@ def _overlays(cfg: PipelineConfig, path: Path) -> bool:
     if not pseudo_file.is_file() or not (cfg.run_path / "refine" / stages.WEIGHTS_FILE).is_file():
         return False
     datasets = stages.load_datasets(cfg, progress=False)
-    pseudo = stages._read_pseudo(pseudo_file)
+    pseudo = read_pseudo_labels(pseudo_file)
     student = stages.load_stage_model(cfg, datasets, "refine")
     count = min(cfg.eval.overlay_images, len(datasets.unlabeled))
     subset = first_images(datasets.unlabeled, count)
@@ -225,7 +226,8 @@ def _overlays(cfg: PipelineConfig, path: Path) -> bool:
     for prediction in predict_dataset(student, subset, image_size=tuple(cfg.data.image_size), progress=False):
         sample: InstanceSample = prediction.sample
         labels = pseudo.get(int(sample.image_id))
-        pseudo_panel = OverlayPanel(sample.image, labels.masks, labels.class_ids, labels.scores, "pseudo-labels") if labels \
+        pseudo_panel = OverlayPanel(sample.image, labels.decode_masks(), labels.class_ids, labels.scores,
+                                    "pseudo-labels") if labels is not None \
             else OverlayPanel(sample.image, np.zeros((0, sample.height, sample.width), bool), None, None, "pseudo-labels")
         predicted: InstancePredictions = postprocess_mask2former(
             prediction.mask_logits, prediction.class_logits, (sample.height, sample.width), cfg.eval.top_k

@@ -45,10 +45,8 @@ from .checkpoint import check_writable, load_weights, save_weights
 from .config import STAGES, ContrastConfig, PipelineConfig, StageConfig, TrainConfig, config_to_dict, save_config
 from .config import stage as stage_entry
 from .data.augment import StrongViewConfig, TwoViewTransform, WeakViewConfig
-from .data.coco import encode_mask
 from .data.loading import Datasets, load_datasets, require_unlabeled
 from .data.semi import (
-    PseudoInstances,
     PseudoLabeledDataset,
     SemiSupervisedDataset,
     TwoViewDataset,
@@ -61,7 +59,7 @@ from .evaluate import CocoMaskEvaluator
 from .inference import evaluate_model, predict_dataset
 from .losses import Objective, SetCriterion
 from .models.student import Student, count_parameters
-from .pseudo_labels import pseudo_label
+from .pseudo_labels import PseudoInstances, pseudo_label, read_pseudo_labels, write_pseudo_labels
 from .teachers import build_teacher, demo_teacher_cache, pipeline_teacher_cache, pretrained_teacher
 from .trained import CARD_FILE, describe, load_trained, save_trained
 
@@ -322,7 +320,8 @@ def make_pseudo_labels(
 ) -> dict[int, PseudoInstances]:
     """Pseudo-label the unlabeled split with ``teacher`` (cached in ``path`` as COCO-style RLE JSON).
 
-    Also writes ``<path stem>_quality.json``: counts per image and, where the unlabeled images have
+    The pseudo-labels are kept as RLE in memory too (:class:`~reference_pipeline.pseudo_labels.PseudoInstances`);
+    training decodes one sample's masks when it draws it. Also writes ``<path stem>_quality.json``: counts per image and, where the unlabeled images have
     ground truth (the synthetic dataset keeps it for diagnostics), the pseudo-labels' mask AP.
     """
     info = distributed_info()
@@ -336,7 +335,7 @@ def make_pseudo_labels(
         _wait_for_file(path)
         barrier(info)
     if path.is_file():
-        return _read_pseudo(path)
+        return read_pseudo_labels(path)
     pseudo: dict[int, PseudoInstances] = {}
     label_config = replace(cfg.pseudo_labels, mask_stride=mask_stride_of(teacher, cfg.pseudo_labels.mask_stride))
     evaluator = CocoMaskEvaluator(datasets.class_names)  # streams RLE only: no image is kept in memory
@@ -348,14 +347,10 @@ def make_pseudo_labels(
         sample = prediction.sample
         labels = pseudo_label(prediction.mask_logits, prediction.class_logits, (sample.height, sample.width),
                               label_config, input_size=tuple(cfg.data.image_size))  # logits of the resized input
-        pseudo[int(sample.image_id)] = PseudoInstances(
-            masks=labels.targets.masks.bool().numpy(),
-            class_ids=labels.targets.class_ids.numpy().astype(np.int64),
-            scores=labels.scores.numpy().astype(np.float64),
-        )
+        pseudo[int(sample.image_id)] = labels
         evaluator.add(sample, labels.to_predictions())
         has_ground_truth = has_ground_truth or sample.num_instances > 0
-    counts = [p.masks.shape[0] for p in pseudo.values()]
+    counts = [p.num_instances for p in pseudo.values()]
     quality: dict[str, float] = {
         "images": float(len(counts)),
         "instances_per_image": float(np.mean(counts)) if counts else 0.0,
@@ -364,7 +359,7 @@ def make_pseudo_labels(
     if has_ground_truth:
         quality.update(evaluator.compute())  # the pseudo-labels' mask AP against ground truth
     logger.info("pseudo-labels %s: %s", path.name, quality)
-    _write_pseudo(path, pseudo)
+    write_pseudo_labels(path, pseudo)
     atomic_write_text(path.with_name(f"{path.stem}_quality.json"), json.dumps(quality, indent=2))
     barrier(info)
     return pseudo
@@ -374,35 +369,6 @@ def _wait_for_file(path: Path, poll_s: float = 2.0) -> None:
     """Wait until ``path`` exists (written atomically by rank 0; torchrun stops this rank if rank 0 fails)."""
     while not path.is_file():
         time.sleep(poll_s)
-
-
-def _write_pseudo(path: Path, pseudo: dict[int, PseudoInstances]) -> None:
-    records = {
-        str(image_id): {
-            "masks": [encode_mask(m) for m in p.masks],
-            "shape": list(p.masks.shape),
-            "class_ids": p.class_ids.tolist(),
-            "scores": p.scores.tolist(),
-        }
-        for image_id, p in pseudo.items()
-    }
-    atomic_write_text(path, json.dumps(records))
-
-
-def _read_pseudo(path: Path) -> dict[int, PseudoInstances]:
-    import pycocotools.mask as mask_utils
-
-    records = json.loads(path.read_text())
-    pseudo = {}
-    for image_id, record in records.items():
-        count, height, width = record["shape"]
-        masks = np.zeros((count, height, width), dtype=bool)
-        for index, rle in enumerate(record["masks"]):
-            masks[index] = mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")}).astype(bool)
-        pseudo[int(image_id)] = PseudoInstances(
-            masks, np.asarray(record["class_ids"], dtype=np.int64), np.asarray(record["scores"], dtype=np.float64)
-        )
-    return pseudo
 
 
 # ----------------------------------------------------------------------------------- the stages

@@ -22,11 +22,11 @@ import torch
 from torch import Tensor
 
 from ..models.outputs import InstanceTargets
+from ..pseudo_labels import PseudoInstances
 from .augment import TwoViewTransform, View, ViewBatch, collate_views
 from .structures import InstanceDataset, InstanceSample, instance_id_map
 
 __all__ = [
-    "PseudoInstances",
     "PseudoLabeledDataset",
     "SemiBatch",
     "SemiSupervisedDataset",
@@ -40,36 +40,32 @@ __all__ = [
 IGNORE_ID = -1
 
 
-@dataclass
-class PseudoInstances:
-    """Pseudo-instances of one image at its original size.
-
-    Attributes:
-        masks: ``(M, H, W)`` bool.
-        class_ids: ``(M,)`` int64.
-        scores: ``(M,)`` float confidences.
-    """
-
-    masks: np.ndarray
-    class_ids: np.ndarray
-    scores: np.ndarray
-
-
 class PseudoLabeledDataset:
     """An unlabeled dataset whose instances are replaced by pseudo-labels.
 
     Item ``i`` is ``(pseudo_sample, ground_truth_sample)``: the same image with the pseudo-instances
     as its annotations, and with its real annotations (possibly empty) for diagnostics only.
 
+    The pseudo-labels stay compressed (RLE, :class:`~reference_pipeline.pseudo_labels.PseudoInstances`)
+    and an item's masks are decoded when it is drawn: the dataset holds kilobytes per image, not
+    ``M × H × W`` bytes (tens of GB for a Cityscapes-sized split at 1024×2048).
+
     Args:
         base: the unlabeled images (their annotations, if any, are used only for diagnostics).
         pseudo: pseudo-instances per image id; an image without an entry has none.
+
+    Raises:
+        TypeError: if a value is not a :class:`~reference_pipeline.pseudo_labels.PseudoInstances`.
+        ValueError: for pseudo-labels of image ids not in ``base``.
     """
 
     def __init__(self, base: InstanceDataset, pseudo: Mapping[int, PseudoInstances]) -> None:
         unknown = set(pseudo) - {int(i) for i in base.image_ids}
         if unknown:
             raise ValueError(f"pseudo-labels given for image ids not in the dataset: {sorted(unknown)[:10]}")
+        wrong = next((type(v).__name__ for v in pseudo.values() if not isinstance(v, PseudoInstances)), None)
+        if wrong is not None:
+            raise TypeError(f"pseudo-labels must be PseudoInstances (RLE masks), got {wrong}")
         self.base = base
         self.pseudo = dict(pseudo)
         self.class_names = list(base.class_names)
@@ -85,7 +81,11 @@ class PseudoLabeledDataset:
             masks = np.zeros((0, sample.height, sample.width), dtype=bool)
             class_ids = np.zeros((0,), dtype=np.int64)
         else:
-            masks, class_ids = labels.masks.astype(bool), labels.class_ids.astype(np.int64)
+            if labels.size != (sample.height, sample.width):
+                raise ValueError(
+                    f"pseudo-labels of image {sample.image_id} are {labels.size}, the image is {(sample.height, sample.width)}"
+                )
+            masks, class_ids = labels.decode_masks(), labels.class_ids  # (M, H, W) decoded for this item only
         pseudo_sample = InstanceSample(
             image=sample.image,
             masks=masks,

@@ -16,7 +16,8 @@ student:
    The ``K`` queries with the largest :math:`\\max_c p_{q,c}` are kept; those with a score below the
    threshold (0.3) are *padded* queries.
 3. **Masks.** SAM2 (``Sam2Model``) embeds each image once; the kept boxes of an image are its box
-   prompts, decoded in one batched call. SAM2's low-resolution masks (stride 4 of its square input)
+   prompts, decoded against that one embedding (:func:`~reference_pipeline.models.sam2_boxes.decode_boxes`,
+   ``box_chunk`` boxes at a time). SAM2's low-resolution masks (stride 4 of its square input)
    are resampled bilinearly to ``(ceil(H/4), ceil(W/4))``; padded queries get :data:`PADDED_MASK_LOGIT`.
 4. **Classes.** The no-object class is last:
 
@@ -72,6 +73,7 @@ from transformers import (
 
 from ..errors import UserError
 from .outputs import SegmentationOutput
+from .sam2_boxes import decode_boxes
 
 __all__ = [
     "BERT_SPECIAL_TOKEN_IDS",
@@ -830,12 +832,15 @@ class FoundationTeacher(nn.Module):
     def segment(self, embeddings: list[Tensor], boxes: Tensor) -> Tensor:
         """SAM2 masks of box prompts, decoded against each image's one embedding, ``box_chunk`` boxes at a time.
 
-        SAM2's mask decoder updates the image embedding once per prompt (its two-way transformer), so a
-        decoding pass holds a per-box copy of the image features (about 105 MB per box at SAM2's 1024 input
-        in a training pass). With gradients on, each chunk of boxes is decoded under activation
-        checkpointing: only the chunk being decoded (or, in the backward pass, recomputed) holds those
-        copies, so memory grows with ``box_chunk``, not with the number of boxes. Without gradients the
-        chunks are decoded one after the other.
+        The boxes of an image share its image embedding, positional encoding and high-resolution
+        features (:func:`~reference_pipeline.models.sam2_boxes.decode_boxes`: broadcast, not copied per
+        box as ``Sam2Model`` does). What remains per box is inherent to SAM2: its two-way transformer
+        updates the image embedding once per prompt, and each box's updated embedding is upscaled to its
+        own stride-4 features: about 80 MiB per box at SAM2's 1024 input in a training pass (106 MiB with
+        ``Sam2Model``'s per-box copies; ``benchmarks/results/bench_memory.md``). So with gradients on, each chunk of boxes is decoded
+        under activation checkpointing: only the chunk being decoded (or, in the backward pass,
+        recomputed) holds those tensors, and memory grows with ``box_chunk``, not with the number of
+        boxes. Without gradients the chunks are decoded one after the other.
 
         Args:
             embeddings: :meth:`image_embeddings`.
@@ -870,8 +875,7 @@ class FoundationTeacher(nn.Module):
         return needs_grad
 
     def _decode(self, prompts: Tensor, *embeddings: Tensor) -> Tensor:
-        outputs = self.segmenter(image_embeddings=list(embeddings), input_boxes=prompts, multimask_output=False)
-        return outputs.pred_masks[:, :, 0]  # (B, n, S/4, S/4)
+        return decode_boxes(self.segmenter, prompts, embeddings)  # (B, n, S/4, S/4)
 
     def forward(self, images: Tensor) -> SegmentationOutput:
         """Text → boxes → masks → the pipeline's interface.

@@ -84,8 +84,8 @@ def test_pseudo_labels_of_a_resized_input_are_at_the_native_size() -> None:
     logits[0, 2:6, 2:10] = 10.0
     classes = torch.tensor([[5.0, 0.0, 0.0], [0.0, 0.0, 5.0]])  # query 1 is no-object
     labels = pseudo_label(logits, classes, (128, 256), input_size=(64, 128))
-    assert labels.targets.masks.shape == (1, 128, 256)
-    area = int(labels.targets.masks.sum())
+    assert labels.targets().masks.shape == (1, 128, 256)
+    area = int(labels.targets().masks.sum())
     assert math.isclose(area, 32 * 64, rel_tol=0.05)  # a 16x32 region of the input, doubled each way
 
 

@@ -39,7 +39,7 @@ def test_a_score_just_below_the_threshold_is_dropped() -> None:
     threshold = float(torch.nextafter(torch.tensor(0.5), torch.tensor(1.0)))  # next float32: scores are float32
     result = pseudo_label(mask_logits, class_logits, IMAGE, PseudoLabelConfig(score_threshold=threshold, min_area=1,
                                                                               mask_stride=None))
-    assert result.scores.numel() == 0
+    assert result.num_instances == 0
 
 
 def test_a_mask_logit_exactly_at_the_mask_threshold_is_outside_the_mask() -> None:
@@ -47,7 +47,7 @@ def test_a_mask_logit_exactly_at_the_mask_threshold_is_outside_the_mask() -> Non
     mask_logits[0, :, :2] = 0.0  # sigmoid(0) = 0.5 = mask_threshold: not in the mask
     result = pseudo_label(mask_logits, torch.tensor([[BIG, 0.0]]), IMAGE,
                           PseudoLabelConfig(mask_threshold=0.5, min_area=1, mask_stride=None))
-    (mask,) = result.targets.masks
+    (mask,) = result.targets().masks
     assert not bool(mask[:, :2].any()) and bool(mask[:, 2:].all())
 
 
@@ -57,7 +57,7 @@ def test_an_instance_of_exactly_min_area_is_kept_one_pixel_less_is_dropped() -> 
     mask_logits, class_logits = _one_query([BIG, 0.0], mask)
     for min_area, kept in ((6, 1), (7, 0)):
         config = PseudoLabelConfig(min_area=min_area, mask_stride=None)
-        assert pseudo_label(mask_logits, class_logits, IMAGE, config).scores.numel() == kept, min_area
+        assert pseudo_label(mask_logits, class_logits, IMAGE, config).num_instances == kept, min_area
 
 
 def test_an_instance_left_with_exactly_the_visible_fraction_is_kept() -> None:
@@ -69,4 +69,4 @@ def test_an_instance_left_with_exactly_the_visible_fraction_is_kept() -> None:
     class_logits = torch.tensor([[BIG, 0.0], [BIG - 1.0, 0.0]])  # (2, 2) query 0 scores higher
     for fraction, count in ((0.5, 2), (math.nextafter(0.5, 1.0), 1)):
         config = PseudoLabelConfig(min_area=1, min_visible_fraction=fraction, mask_stride=None)
-        assert pseudo_label(mask_logits, class_logits, IMAGE, config).scores.numel() == count, fraction
+        assert pseudo_label(mask_logits, class_logits, IMAGE, config).num_instances == count, fraction

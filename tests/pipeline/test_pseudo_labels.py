@@ -10,10 +10,9 @@ import torch
 
 from reference_pipeline.data.structures import InstanceSample
 from reference_pipeline.data.synthetic import THING_CLASSES, SyntheticConfig, synthetic_sample
-from reference_pipeline.models.outputs import InstanceTargets, SegmentationOutput
+from reference_pipeline.models.outputs import SegmentationOutput
 from reference_pipeline.pseudo_labels import (
     PseudoLabelConfig,
-    PseudoLabels,
     pseudo_label,
     pseudo_label_batch,
     pseudo_label_quality,
@@ -69,24 +68,24 @@ def test_pseudo_labels_of_a_constructed_output_are_the_expected_instances() -> N
     mask_logits, class_logits, _ = _scene()
     result = pseudo_label(mask_logits, class_logits, IMAGE, CONFIG)
     assert result.query_indices.tolist() == [0, 3]  # by decreasing score
-    assert result.targets.class_ids.tolist() == [1, 2]
-    assert result.targets.class_ids.dtype == torch.int64
+    assert result.targets().class_ids.tolist() == [1, 2]
+    assert result.targets().class_ids.dtype == torch.int64
     assert result.scores.tolist() == pytest.approx([0.9, 0.8])
     binary = resize_mask_logits(mask_logits, IMAGE, stride=4) > 0  # (K, 30, 30) cell blocks, corners rounded
     expected = torch.stack([binary[0], binary[3] & ~binary[0]])  # (2, 30, 30) q3 loses the overlap to q0
-    assert result.targets.masks.dtype == torch.bool
-    assert torch.equal(result.targets.masks, expected)
+    assert result.targets().masks.dtype == torch.bool
+    assert torch.equal(result.targets().masks, expected)
 
 
 def test_each_pixel_belongs_to_at_most_one_instance_the_highest_scoring() -> None:
     mask_logits, class_logits, _ = _scene()
     result = pseudo_label(mask_logits, class_logits, IMAGE, CONFIG)
-    assert int(result.targets.masks.sum(0).max()) == 1
+    assert int(result.targets().masks.sum(0).max()) == 1
     binary = resize_mask_logits(mask_logits, IMAGE, stride=4) > 0  # (K, 30, 30)
     shared = binary[0] & binary[3]  # (30, 30) where q0 and q3 overlap
     assert int(shared.sum()) > 0
-    assert bool(result.targets.masks[0][shared].all())  # the overlap went to q0 (0.9), not q3 (0.8)
-    assert not bool(result.targets.masks[1][shared].any())
+    assert bool(result.targets().masks[0][shared].all())  # the overlap went to q0 (0.9), not q3 (0.8)
+    assert not bool(result.targets().masks[1][shared].any())
 
 
 def test_score_threshold_applies_to_the_best_foreground_class() -> None:
@@ -102,7 +101,7 @@ def test_min_area_counts_image_pixels() -> None:
     assert area == 12  # bilinear upsampling rounds the block's four corners off
     allowed = pseudo_label(mask_logits, class_logits, IMAGE, PseudoLabelConfig(min_area=area))
     assert 5 in allowed.query_indices.tolist()
-    assert int(allowed.targets.masks[allowed.query_indices.tolist().index(5)].sum()) == area
+    assert int(allowed.targets().masks[allowed.query_indices.tolist().index(5)].sum()) == area
     too_small = pseudo_label(mask_logits, class_logits, IMAGE, PseudoLabelConfig(min_area=area + 1))
     assert 5 not in too_small.query_indices.tolist()
 
@@ -134,8 +133,8 @@ def test_no_confident_query_gives_an_empty_result_in_target_format() -> None:
     class_logits = _class_logits([[0.05, 0.05, 0.05, 0.85]] * 6)
     result = pseudo_label(mask_logits, class_logits, IMAGE)
     assert result.num_instances == 0
-    assert result.targets.masks.shape == (0, *IMAGE) and result.targets.masks.dtype == torch.bool
-    assert result.targets.class_ids.shape == (0,) and result.targets.class_ids.dtype == torch.int64
+    assert result.targets().masks.shape == (0, *IMAGE) and result.targets().masks.dtype == torch.bool
+    assert result.targets().class_ids.shape == (0,) and result.targets().class_ids.dtype == torch.int64
 
 
 def test_stride_4_logits_map_each_cell_to_its_own_pixels() -> None:
@@ -157,7 +156,7 @@ def test_batch_uses_each_images_outputs_and_size() -> None:
     )
     results = pseudo_label_batch(output, [IMAGE, (32, 29)], CONFIG)
     assert [r.num_instances for r in results] == [2, 0]
-    assert results[1].targets.masks.shape[1:] == (32, 29)
+    assert results[1].targets().masks.shape[1:] == (32, 29)
     with pytest.raises(ValueError, match="3 image sizes for a batch of 2"):
         pseudo_label_batch(output, [IMAGE] * 3)
 
@@ -238,9 +237,7 @@ def test_dropping_a_pseudo_instance_lowers_ap(samples: list[InstanceSample]) -> 
     config = PseudoLabelConfig(min_area=1, mask_stride=None)
     pseudo = [pseudo_label(*_teacher_that_knows_the_answer(s), (s.height, s.width), config) for s in samples]
     first = pseudo[0]
-    pseudo[0] = PseudoLabels(
-        InstanceTargets(first.targets.masks[1:], first.targets.class_ids[1:]), first.scores[1:], first.query_indices[1:]
-    )
+    pseudo[0] = first.select(range(1, first.num_instances))
     metrics = pseudo_label_quality(pseudo, samples, THING_CLASSES)
     assert metrics["AP"] < 100.0 and metrics["AP50"] < 100.0
 
@@ -256,6 +253,6 @@ def test_to_predictions_keeps_masks_classes_and_scores() -> None:
     mask_logits, class_logits, _ = _scene()
     result = pseudo_label(mask_logits, class_logits, IMAGE, CONFIG)
     predictions = result.to_predictions()
-    assert np.array_equal(predictions.masks, result.targets.masks.numpy())
+    assert np.array_equal(predictions.masks, result.targets().masks.numpy())
     assert predictions.class_ids.tolist() == [1, 2]
     assert predictions.scores.tolist() == pytest.approx([0.9, 0.8])

@@ -10,13 +10,13 @@ import torch
 
 from reference_pipeline.data.augment import StrongViewConfig, TwoViewTransform, WeakViewConfig
 from reference_pipeline.data.semi import (
-    PseudoInstances,
     PseudoLabeledDataset,
     SemiSupervisedDataset,
     TwoViewDataset,
     collate_semi,
 )
 from reference_pipeline.data.synthetic import load_synthetic_split
+from reference_pipeline.pseudo_labels import PseudoInstances
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_pseudo_labels_replace_targets_but_ids_stay_ground_truth(splits) -> None
     sample = unlabeled[0]
     one_box = np.zeros((1, sample.height, sample.width), dtype=bool)
     one_box[0, 10:30, 10:30] = True
-    pseudo = {int(sample.image_id): PseudoInstances(one_box, np.array([2]), np.array([0.9]))}
+    pseudo = {int(sample.image_id): PseudoInstances.from_masks(one_box, np.array([2]), np.array([0.9]))}
     dataset = TwoViewDataset(PseudoLabeledDataset(unlabeled, pseudo), _transform(), seed=0)
     views = dataset[0]
     assert views.weak.masks.shape[0] == 1 and int(views.weak.class_ids[0]) == 2
@@ -69,7 +69,7 @@ def test_pseudo_labels_replace_targets_but_ids_stay_ground_truth(splits) -> None
 def test_pseudo_labels_for_unknown_images_are_rejected(splits) -> None:
     _, unlabeled = splits
     with pytest.raises(ValueError, match="not in the dataset"):
-        PseudoLabeledDataset(unlabeled, {10**9: PseudoInstances(np.zeros((0, 2, 2), bool), np.zeros(0), np.zeros(0))})
+        PseudoLabeledDataset(unlabeled, {10**9: PseudoInstances.empty((2, 2))})
 
 
 def test_empty_dataset_is_rejected(splits) -> None:

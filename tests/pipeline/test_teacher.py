@@ -187,8 +187,8 @@ def test_image_embeddings_are_computed_once_per_image_and_boxes_decoded_in_one_c
     teacher.segmenter.vision_encoder.register_forward_hook(
         lambda m, args, out: encoder_batches.append(args[0].shape[0])
     )
-    teacher.segmenter.mask_decoder.register_forward_hook(
-        lambda m, args, kwargs, out: decoder_prompts.append(tuple(kwargs["sparse_prompt_embeddings"].shape[:2])),
+    teacher.segmenter.prompt_encoder.register_forward_hook(
+        lambda m, args, kwargs, out: decoder_prompts.append(tuple(kwargs["input_boxes"].shape[:2])),
         with_kwargs=True,
     )
     teacher(torch.rand(3, 3, 48, 80))

@@ -55,7 +55,7 @@ def _worker(rank: int, root: str, port: int, results: str) -> None:
         train = CityscapesInstanceDataset(Path(root) / "cityscapes", "train")
         datasets = Datasets(train, train, train, None, list(train.class_names))
         pseudo = make_pseudo_labels(_SlowTeacher(), cfg, datasets, Path(root) / "pseudo.json", progress=False)
-        Path(results, f"rank{rank}").write_text(str(sorted((k, v.masks.shape) for k, v in pseudo.items())))
+        Path(results, f"rank{rank}").write_text(str(sorted((k, v.decode_masks().shape) for k, v in pseudo.items())))
     finally:
         dist.destroy_process_group()
 

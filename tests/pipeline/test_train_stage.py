@@ -22,9 +22,9 @@ from safetensors.torch import load_file
 
 from reference_pipeline import stages
 from reference_pipeline.config import PipelineConfig, StageConfig, TrainConfig
-from reference_pipeline.data.semi import PseudoInstances
 from reference_pipeline.data.synthetic import load_synthetic_split
 from reference_pipeline.engine import TrainResult
+from reference_pipeline.pseudo_labels import PseudoInstances
 
 _spec = importlib.util.spec_from_file_location("stage_stubs", Path(__file__).with_name("stage_stubs.py"))
 stubs = sys.modules.setdefault("stage_stubs", importlib.util.module_from_spec(_spec))
@@ -64,8 +64,8 @@ def _pseudo(datasets: stages.Datasets) -> dict[int, PseudoInstances]:
     pseudo = {}
     for index, image_id in enumerate(datasets.unlabeled.image_ids):
         sample = datasets.unlabeled[index]
-        pseudo[int(image_id)] = PseudoInstances(np.ones((1, sample.height, sample.width), bool),
-                                                np.array([PSEUDO_CLASS]), np.array([0.9]))
+        pseudo[int(image_id)] = PseudoInstances.from_masks(np.ones((1, sample.height, sample.width), bool),
+                                                           np.array([PSEUDO_CLASS]), np.array([0.9]))
     return pseudo
 
 
