@@ -543,8 +543,14 @@ class InstanceAwareSampler:
             envelope.zero_pool if envelope is not None else torch.zeros(num_anchors, dtype=torch.bool, device=device)
         )  # (A,)
         everyone = torch.arange(num_anchors, device=device)  # (A,)
-        # rows sorted by U_p: a block's rows then want about the same mixture λ, so one λ suits them all
+        # rows sorted by U_p: a block's rows then want about the same mixture λ, so one λ suits them all;
+        # zero-pool rows (every candidate scores 0: uniform draws, R columns of their own each) go last, in
+        # small blocks, so that a block's (rows × columns) scores stay within _BLOCK_ELEMENTS even when a
+        # collapsed model makes every row zero-pool
         order = None if envelope is None or num_anchors < 2 else torch.argsort(envelope.bound_offset, stable=True)  # (A,)
+        num_zero_pool = int(zero_pool.sum())
+        if order is not None and num_zero_pool > 0:
+            order = torch.cat([order[~zero_pool[order]], order[zero_pool[order]]])  # (A,) zero-pool rows last
         # block height from the rows' typical round size (λ = 1/2), so blocks have similar sizes
         if envelope is None:
             half_acceptance = torch.full((num_anchors,), self.uniform_acceptance, dtype=torch.float64, device=device)
@@ -556,14 +562,18 @@ class InstanceAwareSampler:
         first_size = float(_round_size(torch.tensor([float(num_negatives)]), typical.median().reshape(1).cpu())[0])
         first_size = min(first_size, self.max_proposals_per_slot * num_negatives)
         rows_per_block = max(1, int(_BLOCK_ELEMENTS // max(1.0, first_size)))
+        zero_pool_rows_per_block = max(1, math.isqrt(_BLOCK_ELEMENTS // num_negatives))  # c · (c·R) <= _BLOCK_ELEMENTS
+        first_zero = num_anchors - num_zero_pool if order is not None else num_anchors
+        block_bounds = [(start, min(first_zero, start + rows_per_block)) for start in range(0, first_zero, rows_per_block)]
+        block_bounds += [(start, min(num_anchors, start + zero_pool_rows_per_block))
+                         for start in range(first_zero, num_anchors, zero_pool_rows_per_block)]
         coin_dtype = envelope.pool_rows.dtype if envelope is not None else torch.float32
         coin_buffer = torch.empty(0, dtype=coin_dtype, device=device)  # reused by every round of the call
 
         starts, block_candidates, block_columns, block_segments = [], [], [], []
         proposals = accepted = max_rounds_used = fallbacks = fallback_anchors = 0
         min_acceptance = math.inf
-        for start in range(0, num_anchors, rows_per_block):
-            stop = min(num_anchors, start + rows_per_block)
+        for start, stop in block_bounds:
             size = stop - start
             rows = everyone[start:stop] if order is None else order[start:stop]  # (c,) the block's anchors
             own = anchor_pool_index[rows]  # (c,)

@@ -98,3 +98,21 @@ def test_every_anchor_of_a_sorted_multi_block_call_samples_its_exact_distributio
         support = expected > 0
         assert observed[~support].sum() == 0
         assert chisquare(observed[support].numpy(), expected[support].numpy()).pvalue > 1e-3, (anchor, observed, expected)
+
+
+def test_a_blocks_scores_stay_within_the_budget_when_every_row_is_zero_pool(monkeypatch) -> None:
+    """Zero-pool rows (every candidate scores 0: a model that predicts the same everywhere) get R uniform
+    columns of their own; grouped with many others they made a (c, c·R) score block (9.9 GiB at 128×256)."""
+    budget = 1 << 14
+    monkeypatch.setattr(sampler_module, "_BLOCK_ELEMENTS", budget)
+    num, negatives = 600, 16
+    pool = _probs(1, seed=3).expand(num, -1).clone()  # identical fused probabilities: every score is 0
+    own = torch.arange(num)
+    samples = InstanceAwareSampler(num_negatives=negatives)(pool, pool, own, generator=torch.Generator().manual_seed(0))
+    assert samples.zero_pool_anchors == num and samples.fallbacks == num * negatives
+    for candidates, columns in zip(samples.blocks.candidates, samples.blocks.columns):
+        assert columns.shape[0] * candidates.numel() <= budget  # the (c, m) scores of one block
+    index = samples.index  # (A, R): uniform over the pool minus the anchor itself
+    assert not (index == own[:, None]).any()
+    counts = torch.bincount(index.flatten(), minlength=num).double()
+    assert chisquare(counts.numpy()).pvalue > 1e-3
