@@ -18,7 +18,10 @@ def test_bench_pipeline_smoke(tmp_path: Path) -> None:
     spec.loader.exec_module(module)
     payload = module.main(["--smoke", "--threads", "1", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path)])
     times = payload["step_time_s"]
-    assert set(times) == {"with L_pxl", "without L_pxl"} and all(t > 0 for t in times.values())
+    subsampled = f"with L_pxl, max_anchors={module.SUBSAMPLED_ANCHORS}"
+    assert set(times) == {"with L_pxl", "without L_pxl", subsampled} and all(t > 0 for t in times.values())
     assert payload["contrastive_overhead"] == pytest.approx(times["with L_pxl"] / times["without L_pxl"])
+    assert payload["contrastive_overhead_subsampled"] == pytest.approx(times[subsampled] / times["without L_pxl"])
+    assert 0.0 < payload["second_view_share"] < 1.0
     assert 0.0 <= payload["data_time_share"] < 1.0
     assert payload["inference_images_per_s"] > 0
