@@ -236,7 +236,7 @@ RUN_CONFIG_FILE = "run_config.yaml"
 
 #: Settings that shape what a stage leaves behind (its weights, the pseudo-labels made with them): a run
 #: directory's stage is reused only by a command with the same values (``check_same_settings``).
-_TEACHER_SECTIONS = ("teacher_kind", "foundation_teacher", "demo_teacher", "teacher_pretrain")
+_TEACHER_SECTIONS = ("teacher_kind", "foundation_teacher", "transformers_teacher", "demo_teacher", "teacher_pretrain")
 SETTINGS_OF: dict[str, tuple[str, ...]] = {
     "teacher_finetune": ("data", *_TEACHER_SECTIONS, "criterion", "contrast", "teacher_finetune"),
 }
