@@ -138,6 +138,18 @@ def test_a_stage_made_with_other_settings_is_refused_naming_the_key(quick_run, t
     assert "student.hidden_dim: 64 -> 32" in err and "--no-resume" in err and len(err.strip().splitlines()) == 1
 
 
+def test_distilling_from_a_teacher_made_for_another_teacher_setting_is_refused(quick_run, tmp_path: Path,
+                                                                               capsys) -> None:
+    common, run = quick_run
+    other = tmp_path / "run"
+    shutil.copytree(run / "teacher_self_train", other / "teacher_self_train")
+    code = main(["distill", *common, "--run-dir", str(other), "--set", "demo_teacher.num_queries=5"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "teacher_self_train was made with other settings" in err and "demo_teacher.num_queries" in err
+    assert not (other / "distill").exists()  # stopped before pseudo-labelling or training anything
+
+
 def test_weights_that_do_not_fit_the_described_model_are_refused(quick_run, tmp_path: Path, capsys) -> None:
     _, run = quick_run
     other = tmp_path / "run"
