@@ -124,3 +124,27 @@ def test_it_trains_with_dropout_and_splits_encoder_and_decoder_parameters(
     ).train()
     assert not any(p.requires_grad for p in frozen.model.model.pixel_level_module.parameters())
     assert not frozen.model.model.pixel_level_module.encoder.training  # frozen parts stay in eval mode
+
+
+def test_a_maskformer_checkpoint_loads_trains_and_maps_its_classes(tmp_path: Path) -> None:
+    from transformers import MaskFormerConfig, MaskFormerForInstanceSegmentation, SwinConfig
+
+    labels = ["person", "Widget", "car"]
+    backbone = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                          window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = MaskFormerConfig(backbone_config=backbone, fpn_feature_size=32, mask_feature_size=32, num_queries=6,
+                              num_labels=len(labels), id2label=dict(enumerate(labels)),
+                              label2id={name: i for i, name in enumerate(labels)})
+    config.decoder_config.update({"d_model": 32, "encoder_layers": 1, "decoder_layers": 2, "decoder_attention_heads": 2,
+                                  "decoder_ffn_dim": 64, "encoder_ffn_dim": 64, "num_queries": 6})
+    MaskFormerForInstanceSegmentation(config).save_pretrained(tmp_path / "maskformer")
+    teacher = _teacher(tmp_path / "maskformer", ["widget"]).train()
+    out = teacher(torch.rand(2, 3, 40, 56))
+    assert out.mask_logits.shape == (2, 6, 10, 14) and out.class_logits.shape == (2, 6, 2)
+    assert out.pixel_embeddings.shape == (2, 8, 10, 14)
+    (out.mask_logits.mean() + out.class_logits.mean() + out.pixel_embeddings.mean()).backward()
+    assert any(p.grad is not None for p in teacher.parameters())
+    with torch.no_grad():
+        logits = torch.randn(1, 6, 4)
+        probs = teacher.map_class_logits(logits).softmax(-1)
+        torch.testing.assert_close(probs[..., 0], logits.softmax(-1)[..., 1])  # "widget" is the checkpoint's "Widget"
