@@ -33,8 +33,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import STAGES
 from .errors import UserError
+from .stage_names import STAGES
 
 __all__ = ["build_parser", "main"]
 
@@ -205,7 +205,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
     from .export import export_onnx
 
     folder = _model_folder(args)
-    path = Path(args.out) if args.out else (folder / "model.onnx" if args.model else _load(args).run_path / "student.onnx")
+    default = folder / "model.onnx" if args.model else folder.parent / "student.onnx"  # folder: <run_dir>/<stage>
+    path = Path(args.out) if args.out else default
     result = export_onnx(folder, path)
     print(f"exported {result.path} (max |onnx - torch| = {result.max_abs_diff:.2e})")
 

@@ -134,6 +134,17 @@ def _check_same_categories(train: CocoInstanceDataset, val: CocoInstanceDataset)
         )
 
 
+def _synthetic_root(data: DataConfig, progress: bool) -> Path:
+    """The built-in dataset's folder for ``data``, generated first if it is not on disk yet."""
+    source_n, labeled_n, unlabeled_n, val_n = data.synthetic_size
+    synthetic = SyntheticConfig(
+        image_size=data.synthetic_image_size, source_train=source_n, target_labeled=labeled_n,
+        target_unlabeled=unlabeled_n, target_val=val_n, seed=data.synthetic_seed,
+        object_scale=data.synthetic_object_scale,
+    )
+    return generate_dataset(data.root, synthetic, progress=progress)
+
+
 def load_datasets(cfg: PipelineConfig, *, progress: bool = True) -> Datasets:
     """Open (and for the synthetic format, generate on first use) the run's splits.
 
@@ -146,13 +157,7 @@ def load_datasets(cfg: PipelineConfig, *, progress: bool = True) -> Datasets:
     source = None
     category_ids: list[int] = []
     if data.format == "synthetic":
-        source_n, labeled_n, unlabeled_n, val_n = data.synthetic_size
-        synthetic = SyntheticConfig(
-            image_size=data.synthetic_image_size, source_train=source_n, target_labeled=labeled_n,
-            target_unlabeled=unlabeled_n, target_val=val_n, seed=data.synthetic_seed,
-            object_scale=data.synthetic_object_scale,
-        )
-        root = generate_dataset(data.root, synthetic, progress=progress)
+        root = _synthetic_root(data, progress)
         pool = load_synthetic_split(root, "target_labeled")
         labeled = _labeled_part(pool, data)[0]  # the rest of the pool is not used: the target has its own unlabeled split
         unlabeled: InstanceDataset = load_synthetic_split(root, "target_unlabeled")
@@ -193,14 +198,7 @@ def load_validation(cfg: PipelineConfig, *, progress: bool = True) -> InstanceDa
     """
     data = cfg.data
     if data.format == "synthetic":
-        source_n, labeled_n, unlabeled_n, val_n = data.synthetic_size
-        synthetic = SyntheticConfig(
-            image_size=data.synthetic_image_size, source_train=source_n, target_labeled=labeled_n,
-            target_unlabeled=unlabeled_n, target_val=val_n, seed=data.synthetic_seed,
-            object_scale=data.synthetic_object_scale,
-        )
-        val: InstanceDataset = load_synthetic_split(generate_dataset(data.root, synthetic, progress=progress),
-                                                    "target_val")
+        val: InstanceDataset = load_synthetic_split(_synthetic_root(data, progress), "target_val")
     elif data.format == "coco":
         if not data.val_annotations:
             raise UserError("data.format=coco needs data.val_annotations (a COCO JSON) to evaluate")

@@ -941,21 +941,26 @@ def _is_hub_id(path: str) -> bool:
         return False
 
 
+def missing_checkpoint_files(path: str | Path, *, tokenizer: bool = False) -> list[str]:
+    """What a ``save_pretrained`` folder lacks: the folder itself, ``config.json``, weights, tokenizer files."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return ["the folder itself"]
+    missing = []
+    if not (folder / "config.json").is_file():
+        missing.append("config.json")
+    if not any((folder / name).is_file() for name in _WEIGHT_FILES):
+        missing.append("model.safetensors")
+    if tokenizer and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        missing.append("tokenizer files")
+    return missing
+
+
 def _check_weights_dir(path: str, what: str, option: str, files: Sequence[str], tokenizer: bool) -> None:
     """Raise a ``FileNotFoundError`` saying which files to place where when a local weights folder is incomplete."""
     if _is_hub_id(path):
         return  # resolved in the hub cache by from_pretrained(local_files_only=True)
-    folder = Path(path)
-    missing: list[str] = []
-    if not folder.is_dir():
-        missing.append("the folder itself")
-    else:
-        if not (folder / "config.json").is_file():
-            missing.append("config.json")
-        if not any((folder / name).is_file() for name in _WEIGHT_FILES):
-            missing.append("model.safetensors")
-        if tokenizer and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
-            missing.append("tokenizer files")
+    missing = missing_checkpoint_files(path, tokenizer=tokenizer)
     if missing:
         hint = (
             "e.g. `huggingface-cli download IDEA-Research/grounding-dino-base --local-dir " + path + "` on a machine "

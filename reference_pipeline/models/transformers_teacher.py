@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from .outputs import SegmentationOutput
+from .teacher import IMAGENET_MEAN, IMAGENET_STD, missing_checkpoint_files
 
 __all__ = [
     "TRANSFORMERS_TEACHER_PARTS",
@@ -54,9 +55,6 @@ __all__ = [
 #: Parts of the teacher whose training can be switched on or off.
 TRANSFORMERS_TEACHER_PARTS = ("backbone", "pixel_decoder", "transformer_decoder", "projection_head")
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _PROCESSOR_FILE = "preprocessor_config.json"
 _SUPPORTED = {"mask2former": "Mask2FormerForUniversalSegmentation", "maskformer": "MaskFormerForInstanceSegmentation"}
 
@@ -97,14 +95,7 @@ def check_checkpoint_dir(path: str | Path) -> None:
         FileNotFoundError: naming the folder, what is missing and the files expected there.
     """
     folder = Path(path)
-    missing: list[str] = []
-    if not folder.is_dir():
-        missing.append("the folder itself")
-    else:
-        if not (folder / "config.json").is_file():
-            missing.append("config.json")
-        if not any((folder / name).is_file() for name in _WEIGHT_FILES):
-            missing.append("model.safetensors")
+    missing = missing_checkpoint_files(folder)
     if missing:
         raise FileNotFoundError(
             f"transformers teacher checkpoint not found at {str(folder)!r} (missing: {', '.join(missing)}). Nothing is "
@@ -124,13 +115,13 @@ def read_normalisation(path: str | Path) -> tuple[tuple[float, ...], tuple[float
     """
     file = Path(path) / _PROCESSOR_FILE
     if not file.is_file():
-        return _IMAGENET_MEAN, _IMAGENET_STD, 32
+        return IMAGENET_MEAN, IMAGENET_STD, 32
     data = json.loads(file.read_text(encoding="utf-8"))
     divisor = int(data.get("size_divisor") or 32)
     if data.get("do_normalize", True) is False:
         return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), divisor
-    mean = [float(v) for v in data.get("image_mean", _IMAGENET_MEAN)]
-    std = [float(v) for v in data.get("image_std", _IMAGENET_STD)]
+    mean = [float(v) for v in data.get("image_mean", IMAGENET_MEAN)]
+    std = [float(v) for v in data.get("image_std", IMAGENET_STD)]
     if len(mean) != 3 or len(std) != 3:
         raise UserError(f"{file}: image_mean / image_std must have 3 values, got {mean}, {std}")
     if max(mean) > 1.0:  # written on the 0-255 scale
@@ -192,8 +183,8 @@ class TransformersTeacher(nn.Module):
         model: nn.Module,
         class_names: Sequence[str],
         config: TransformersTeacherConfig,
-        mean: Sequence[float] = _IMAGENET_MEAN,
-        std: Sequence[float] = _IMAGENET_STD,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
         size_divisor: int = 32,
     ) -> None:
         super().__init__()
