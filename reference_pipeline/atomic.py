@@ -49,7 +49,7 @@ def atomic_path(path: str | os.PathLike[str], *, suffix: str = ".tmp") -> Iterat
     Example::
 
         with atomic_path(run / "model.safetensors") as tmp:
-            safetensors.torch.save_model(model, str(tmp))
+            safetensors.torch.save_model(model, str(tmp), force_contiguous=True)
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

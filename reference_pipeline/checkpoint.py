@@ -297,7 +297,7 @@ def save_checkpoint(
         shutil.rmtree(tmp_dir, ignore_errors=True)
         tmp_dir.mkdir()
         weights_tmp = tmp_dir / f".{WEIGHTS_NAME}.tmp"
-        save_model(model, str(weights_tmp), metadata={"step": str(step)})
+        save_model(model, str(weights_tmp), metadata={"step": str(step)}, force_contiguous=True)
         fsync_file(weights_tmp)
         os.replace(weights_tmp, tmp_dir / WEIGHTS_NAME)
         state_tmp = tmp_dir / f".{STATE_NAME}.tmp"
@@ -409,7 +409,7 @@ def save_weights(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     try:
         with atomic_path(path) as tmp:
-            save_model(model, str(tmp))
+            save_model(model, str(tmp), force_contiguous=True)
     except OSError as error:
         raise CheckpointWriteError(f"cannot write weights {path}: {_describe(error)} ({error})") from error
     return path

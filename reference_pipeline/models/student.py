@@ -623,6 +623,10 @@ class Student(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(config.projection_hidden_dim, config.embedding_dim, kernel_size=1),
         )
+        # Convolutions run channels-last (NHWC): on this CPU a demo training step takes 0.79x the time and
+        # the no-grad embedding of a view 0.55x (mkldnn convolutions and batch norm); GPUs prefer it too.
+        # Weights are saved contiguous (``force_contiguous``), so checkpoints do not depend on it.
+        self.to(memory_format=torch.channels_last)
 
     def architecture(self) -> StudentConfig:
         """A config that rebuilds this model's architecture without reading any weights folder.
