@@ -17,7 +17,7 @@ from ._amp import without_autocast
 from ._backend import Backend, resolve_backend
 from ._checks import check_choice, check_positive, check_predictions
 from ._types import SCORES, STRATEGIES, CandidateBlocks
-from .ops.chunked import accumulation_dtype, block_scores, default_block_size, sampled_logsumexp_blocked
+from .ops.chunked import accumulation_dtype, block_scores, blocked_logsumexp_and_negative_sum, default_block_size
 from .ops.normalize import l2_normalize
 
 __all__ = [
@@ -226,21 +226,42 @@ def pixel_info_nce(
     Returns:
         The loss.
     """
+    return _info_nce_terms(anchors, positives, pool, negatives, temperature, reduction, backend)[0]
+
+
+def _info_nce_terms(
+    anchors: Tensor,
+    positives: Tensor,
+    pool: Tensor,
+    negatives: Tensor | CandidateBlocks,
+    temperature: float,
+    reduction: str,
+    backend: str | Backend | None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    r""":func:`pixel_info_nce` and, free of charge, its similarities for diagnostics (no gradient).
+
+    Returns:
+        ``(loss, positive_cos, negative_cos_sum)``: the loss; :math:`\cos^+_a`, ``(A,)``; and
+        :math:`\sum_{a,r} \cos^-_{a,r}` where the path forms it anyway (the blocked ``chunked``
+        path), else ``None``.
+    """
     check_positive("temperature", temperature)
     check_choice("reduction", reduction, REDUCTIONS)
     _check_pairs(anchors, positives, pool, negatives)
     anchors_n = _normalized(anchors)  # (A, D)
     scale = 1.0 / float(temperature)
     if anchors.shape[0] == 0:
-        return _reduce(anchors_n.sum(dim=1) + positives.sum(dim=1) * 0 + pool.sum() * 0, reduction)
-    positive_logit = (anchors_n * _normalized(positives)).sum(dim=-1) * scale  # (A,)
+        loss = _reduce(anchors_n.sum(dim=1) + positives.sum(dim=1) * 0 + pool.sum() * 0, reduction)
+        return loss, anchors_n.new_zeros(0), None
+    positive_cos = (anchors_n * _normalized(positives)).sum(dim=-1)  # (A,)
     resolved = _resolve(backend)
+    negative_sum = None
     if not isinstance(negatives, Tensor) and resolved.uses_blocks(anchors):
-        negative_lse = sampled_logsumexp_blocked(anchors_n, _normalized(pool), negatives, scale)  # (A,)
+        negative_lse, negative_sum = blocked_logsumexp_and_negative_sum(anchors_n, _normalized(pool), negatives, scale)  # (A,), ()
     else:
         negative_lse = resolved.op_for(anchors)(anchors_n, _normalized(pool), _as_index(negatives), scale)  # (A,)
-    per_anchor = F.softplus(negative_lse - positive_logit)  # (A,)
-    return _reduce(per_anchor, reduction)
+    per_anchor = F.softplus(negative_lse - positive_cos * scale)  # (A,)
+    return _reduce(per_anchor, reduction), positive_cos.detach(), negative_sum
 
 
 def _hinge_block(anchors_n: Tensor, positive_cos: Tensor, pool_n: Tensor, index: Tensor, margin: float) -> Tensor:

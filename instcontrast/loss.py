@@ -25,11 +25,11 @@ from .distributed import all_gather_rows, all_gather_rows_with_grad, all_reduce_
 from .functional import (
     SCORES,
     STRATEGIES,
+    _info_nce_terms,
     empirical_margin,
     false_negative_rate,
     fused_probability,
     pixel_hinge,
-    pixel_info_nce,
     positive_similarity,
 )
 from .memory_bank import PixelMemoryBank
@@ -342,13 +342,15 @@ class InstanceAwarePixelContrast(nn.Module):
             )
             anchors = z_weak_flat[anchor_flat]  # (A, D)
             positives = z_strong_flat[anchor_flat]  # (A, D)
+            similarities = None  # (cos⁺ per anchor, Σ cos⁻) when the loss formed them anyway
             if self.loss_type == "infonce":
-                loss_sum = pixel_info_nce(
-                    anchors, positives, pool_z, samples.blocks, self.temperature, reduction="sum", backend=self.backend
+                loss_sum, positive_cos, negative_sum = _info_nce_terms(
+                    anchors, positives, pool_z, samples.blocks, self.temperature, "sum", self.backend
                 )
+                similarities = (positive_cos, negative_sum) if negative_sum is not None else None
             else:
                 loss_sum = pixel_hinge(anchors, positives, pool_z, samples.blocks, self.margin, reduction="sum")
-            stats = self._stats(samples, anchors, positives, pool_z, pool_size, bank_z.shape[0])
+            stats = self._stats(samples, anchors, positives, pool_z, pool_size, bank_z.shape[0], similarities)
         else:
             # no anchor here (or no pool anywhere): a zero still attached to every input of the graph,
             # the gathered pool included, so backward reaches the gather's all-reduce on this rank too
@@ -395,7 +397,14 @@ class InstanceAwarePixelContrast(nn.Module):
         return bank_z.to(device), bank_probs.to(device)
 
     def _stats(
-        self, samples: NegativeSamples, anchors: Tensor, positives: Tensor, pool_z: Tensor, pool_size: int, bank: int
+        self,
+        samples: NegativeSamples,
+        anchors: Tensor,
+        positives: Tensor,
+        pool_z: Tensor,
+        pool_size: int,
+        bank: int,
+        similarities: tuple[Tensor, Tensor] | None = None,
     ) -> ContrastStats:
         stats = ContrastStats(
             num_anchors=anchors.shape[0],
@@ -410,10 +419,12 @@ class InstanceAwarePixelContrast(nn.Module):
         )
         if self.compute_stats:
             with torch.no_grad():
-                positive_cos = positive_similarity(anchors.detach(), positives.detach()).mean()
-                margin = empirical_margin(
-                    anchors.detach(), positives.detach(), pool_z.detach(), samples.blocks
-                )
+                if similarities is not None:  # the loss's own similarities: no second scoring pass
+                    positive_cos = similarities[0].mean()
+                    margin = positive_cos - similarities[1] / (anchors.shape[0] * samples.blocks.num_negatives)
+                else:
+                    positive_cos = positive_similarity(anchors.detach(), positives.detach()).mean()
+                    margin = empirical_margin(anchors.detach(), positives.detach(), pool_z.detach(), samples.blocks)
             stats.positive_cosine = float(positive_cos)
             stats.margin = float(margin)
             stats.negative_cosine = stats.positive_cosine - stats.margin

@@ -26,6 +26,7 @@ from .._amp import without_autocast
 __all__ = [
     "accumulation_dtype",
     "block_scores",
+    "blocked_logsumexp_and_negative_sum",
     "default_block_size",
     "sampled_logsumexp_blocked",
     "sampled_logsumexp_chunked",
@@ -165,19 +166,23 @@ class _BlockedLogSumExp(torch.autograd.Function):
             anchors_acc = anchors_acc[order]  # (A, D) in block-row order
         pool_acc = pool.to(accumulate)  # (M, D)
         lse_rows = torch.empty(anchors.shape[0], dtype=accumulate, device=anchors.device)  # (A,) block-row order
+        negative_sum = torch.zeros((), dtype=accumulate, device=anchors.device)  # Σ_a Σ_r <x_a, m_{i_ar}>
         for block, block_columns in enumerate(blocks.columns):
             rows = _block_slice(blocks, block)
             scores = block_scores(anchors_acc[rows], pool_acc, blocks, block)  # (c, m)
-            lse_rows[rows] = torch.logsumexp(scores.gather(1, block_columns.long()) * scale, dim=1)
+            chosen = scores.gather(1, block_columns.long())  # (c, R) the negatives' dot products
+            negative_sum += chosen.sum()
+            lse_rows[rows] = torch.logsumexp(chosen * scale, dim=1)
         lse = lse_rows if order is None else torch.empty_like(lse_rows).index_copy_(0, order, lse_rows)  # (A,)
         ctx.save_for_backward(anchors, pool, lse)
         ctx.scale = scale
         ctx.blocks = blocks  # index tensors only: nothing here requires grad
-        return lse
+        ctx.mark_non_differentiable(negative_sum)
+        return lse, negative_sum
 
     @staticmethod
     @without_autocast(1)
-    def backward(ctx, grad_lse: Tensor):
+    def backward(ctx, grad_lse: Tensor, _grad_negative_sum: Tensor | None):
         anchors, pool, lse = ctx.saved_tensors
         blocks, scale = ctx.blocks, ctx.scale
         accumulate = lse.dtype
@@ -244,5 +249,19 @@ def sampled_logsumexp_blocked(anchors: Tensor, pool: Tensor, blocks, scale: floa
     Returns:
         The per-anchor log-sum-exp, equal to :func:`sampled_logsumexp_chunked` on
         ``blocks.to_index()``.
+    """
+    return blocked_logsumexp_and_negative_sum(anchors, pool, blocks, scale)[0]
+
+
+def blocked_logsumexp_and_negative_sum(anchors: Tensor, pool: Tensor, blocks, scale: float) -> tuple[Tensor, Tensor]:
+    r""":func:`sampled_logsumexp_blocked` plus :math:`\sum_a \sum_r \langle x_a, m_{i_{a,r}}\rangle` (no gradient).
+
+    The sum of the negatives' dot products falls out of the forward pass (the chosen scores are
+    formed anyway), so a caller that reports the mean negative similarity need not score the blocks
+    a second time.
+
+    Returns:
+        ``(lse, negative_sum)``: ``(A,)`` (differentiable) and a scalar, both float32 (float64 for
+        float64 inputs).
     """
     return _BlockedLogSumExp.apply(anchors, pool, float(scale), blocks)
