@@ -311,8 +311,9 @@ class InstanceAwarePixelContrast(nn.Module):
         # its anchors (none included): pool gather, anchor-count all-reduce, FNR key gather, bank
         # enqueue, and (detach_strong=False) the all-reduce in the gather's backward.
         distributed = self.gather_distributed and world_info()[1] > 1
-        pool_z = z_strong_flat[local_pool]  # (M_local, D)
-        pool_probs = probs[local_pool] if probs is not None else None
+        every_pixel = local_pool.numel() == valid_flat.numel()  # local_pool is then arange: no copies
+        pool_z = z_strong_flat if every_pixel else z_strong_flat[local_pool]  # (M_local, D)
+        pool_probs = probs if probs is None or every_pixel else probs[local_pool]  # (M_local, E)
         offset = 0
         if distributed:
             offset = gathered_offset(local_pool.numel(), device)
@@ -334,14 +335,15 @@ class InstanceAwarePixelContrast(nn.Module):
         if sampled:
             anchor_pool_index = anchor_in_local + offset  # (A,) each anchor's own row in the pool
             samples = self.sampler(
-                probs[anchor_flat] if probs is not None else None,
+                None,  # the anchors are pool rows anchor_pool_index: their vectors are read from pool_probs
                 pool_probs,
                 anchor_pool_index,
                 pool_size=pool_size,
                 generator=generator,
             )
-            anchors = z_weak_flat[anchor_flat]  # (A, D)
-            positives = z_strong_flat[anchor_flat]  # (A, D)
+            every_anchor = every_pixel and anchor_flat.numel() == valid_flat.numel()  # anchor_flat is arange
+            anchors = z_weak_flat if every_anchor else z_weak_flat[anchor_flat]  # (A, D)
+            positives = z_strong_flat if every_anchor else z_strong_flat[anchor_flat]  # (A, D)
             similarities = None  # (cos⁺ per anchor, Σ cos⁻) when the loss formed them anyway
             if self.loss_type == "infonce":
                 loss_sum, positive_cos, negative_sum = _info_nce_terms(

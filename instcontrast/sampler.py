@@ -89,6 +89,7 @@ _MIXTURE_WEIGHTS = (0.5, 0.05, 0.1, 0.15, 0.2, 0.27, 0.35, 0.42, 0.58, 0.65, 0.7
 _PLAN_QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)  # rows of a (sorted) block at which the λ are compared
 _SEGMENT_QUANTILES = torch.tensor([0.25, 0.5, 0.75, 0.9])  # where a round's candidates are cut for the loss
 _EXPONENT = {"linear": 1.0, "squared": 2.0, "sqrt": 0.5}
+_STAT_ROWS = 8192  # rows per chunk of the float64 row sums: temporaries of a few MiB, reused (no page faults)
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,9 @@ class _Envelope:
 
     Attributes:
         exponent: ``k`` of the score variant.
-        anchor_rows: ``[u_p, 1, -α_p]`` per anchor, ``(A, E+2)`` (work dtype), ``α_p = ½‖u_p‖² + a_p``.
+        anchor_rows: ``[u_p, 1, -α_p]`` per anchor, ``(A, E+2)`` (work dtype), ``α_p = ½‖u_p‖² + a_p``;
+            ``None`` when the anchors are pool rows (``anchor_index``): :meth:`anchor_block` builds them.
+        anchor_index: each anchor's pool row when the anchors are pool rows, ``(A,)``, else ``None``.
         pool_rows: ``[d_q, -β_q, 1]`` per candidate, ``(M, E+2)``, ``β_q = ½‖d_q‖² + b_q``: the dot
             product of the two is ``-s(p, q)``.
         bound_offset: ``U_p`` per anchor, ``(A,)`` float64.
@@ -157,7 +160,8 @@ class _Envelope:
     """
 
     exponent: float
-    anchor_rows: Tensor
+    anchor_rows: Tensor | None
+    anchor_index: Tensor | None
     pool_rows: Tensor
     bound_offset: Tensor
     spread: Tensor
@@ -172,36 +176,51 @@ class _Envelope:
     def pool_size(self) -> int:
         return self.pool_rows.shape[0]
 
+    def anchor_block(self, rows: Tensor, out: Tensor | None = None) -> Tensor:
+        """``[u_p, 1, -α_p]`` of the anchors ``rows``, ``(c, E+2)`` (into ``out`` if given): for pool rows,
+        ``[d_q, -β_q, 1]`` with its last two columns swapped."""
+        if self.anchor_rows is not None:
+            return torch.index_select(self.anchor_rows, 0, rows, out=out) if out is not None else self.anchor_rows[rows]
+        pool_rows = self.anchor_index[rows]  # (c,)
+        block = torch.index_select(self.pool_rows, 0, pool_rows, out=out) if out is not None else self.pool_rows[pool_rows]  # [d, -β, 1]
+        block[:, -2:] = block[:, -2:].flip(1)  # [d, 1, -β]: α_p = β_q for the same vector
+        return block
+
     @property
     def weight_total(self) -> float:
         return float(self.weight_cdf[-1])
 
-    def envelope_constant(self, rows: Tensor, mixture: float | Tensor) -> Tensor:
+    def envelope_constant(self, rows: Tensor, mixture: float | Tensor, per_row: bool = False) -> Tensor:
         r"""``C_p = (1 + slack)·max_{δ ∈ [δ_min, δ_max]} min(1, U_p + δ)^k / h(δ)`` for ``rows``.
 
-        ``mixture`` is one ``λ`` (output ``(c,)``) or several, ``(L,)`` (output ``(c, L)``), float64.
+        ``mixture`` is one ``λ`` (output ``(c,)``), several, ``(L,)`` (output ``(c, L)``), or with
+        ``per_row`` each row's own, ``(c,)`` (output ``(c,)``); float64.
         """
-        k, pool_size = self.exponent, self.pool_size
-        weights = torch.as_tensor(mixture, dtype=torch.float64, device=rows.device).reshape(-1)  # (L,)
-        uniform_part = (1.0 - weights) / pool_size  # (L,)
-        weighted_part = weights / self.weight_total if self.weight_total > 0 else torch.zeros_like(weights)  # (L,)
+        weights = torch.as_tensor(mixture, dtype=torch.float64, device=rows.device).reshape(-1)  # (L,) or (c,)
         bound = self.bound_offset[rows][:, None]  # (c, 1)
+        constant = self._constant(bound, weights[:, None] if per_row else weights[None, :])  # (c, L) or (c, 1)
+        return constant[:, 0] if per_row or not isinstance(mixture, Tensor) or mixture.ndim == 0 else constant
+
+    def _constant(self, bound: Tensor, weights: Tensor) -> Tensor:
+        """:meth:`envelope_constant` for ``U_p`` ``(c, 1)`` and ``λ`` ``(1, L)`` or ``(c, 1)``: ``(c, L)``."""
+        k, pool_size = self.exponent, self.pool_size
+        uniform_part = (1.0 - weights) / pool_size  # (·, L)
+        weighted_part = weights / self.weight_total if self.weight_total > 0 else torch.zeros_like(weights)  # (·, L)
         low, high = self.spread_range
-        columns = (bound.shape[0], weights.shape[0])
+        columns = torch.broadcast_shapes(bound.shape, weights.shape)  # (c, L)
         points = [
-            torch.full(columns, low, dtype=torch.float64, device=rows.device),
-            torch.full(columns, high, dtype=torch.float64, device=rows.device),
+            torch.full(columns, low, dtype=torch.float64, device=bound.device),
+            torch.full(columns, high, dtype=torch.float64, device=bound.device),
             (1.0 - bound).clamp(low, high).expand(columns),  # where the cap min(1, ·) starts
         ]
         if k == 2.0:  # peak of (U + δ)² / (a + bδ²) at δ = a / (b U)
             peak = uniform_part / (weighted_part * bound.clamp_min(1e-300))  # (c, L), inf where b = 0
-            points.append(peak.nan_to_num(posinf=high).clamp(low, high))
+            points.append(peak.nan_to_num(posinf=high).clamp(low, high).expand(columns))
         spread = torch.stack(points, dim=2)  # (c, L, P)
         ratio = (bound[:, :, None] + spread).clamp(max=1.0).pow(k) / (
-            uniform_part[:, None] + weighted_part[:, None] * spread.pow(k)
+            uniform_part[..., None] + weighted_part[..., None] * spread.pow(k)
         )  # (c, L, P)
-        constant = ratio.amax(dim=2) * (1.0 + self.slack)  # (c, L)
-        return constant[:, 0] if not isinstance(mixture, Tensor) or mixture.ndim == 0 else constant
+        return ratio.amax(dim=2) * (1.0 + self.slack)  # (c, L)
 
     def proposal_density(self, candidates: Tensor, mixture: float) -> Tensor:
         """``h(q)`` of the mixture at ``candidates``, ``(m,)`` float64."""
@@ -223,67 +242,128 @@ class _Envelope:
         return torch.where(from_weights, weighted, uniform)
 
 
-def _build_envelope(anchor_probs: Tensor, pool_probs: Tensor, score: str) -> _Envelope:
-    """Pool sums, per-row constants and exact score sums for the fusion/mask/class strategies."""
-    work = accumulation_dtype(anchor_probs.dtype, pool_probs.dtype)
+def _row_chunks(count: int) -> range:
+    return range(0, count, _STAT_ROWS)
+
+
+def _column_sum(rows: Tensor) -> Tensor:
+    """``Σ_i rows_i`` in float64, ``(E,)``, chunk by chunk (no full-size float64 copy)."""
+    total = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)
+    for start in _row_chunks(rows.shape[0]):
+        total += rows[start : start + _STAT_ROWS].to(torch.float64).sum(dim=0)
+    return total
+
+
+def _centered_rows(rows: Tensor, center: Tensor, work: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """``rows - c`` in ``work`` ``(N, E)``, and in float64 ``½(1 - ‖rows_i‖²)`` and ``‖rows_i - c‖²``, ``(N,)``."""
+    count = rows.shape[0]
+    centered = torch.empty(rows.shape, dtype=work, device=rows.device)  # (N, E)
+    excess = torch.empty(count, dtype=torch.float64, device=rows.device)  # (N,)
+    centered_sq = torch.empty(count, dtype=torch.float64, device=rows.device)  # (N,)
+    center_work = center.to(work)
+    for start in _row_chunks(count):
+        stop = min(count, start + _STAT_ROWS)
+        block = rows[start:stop]  # (n, E)
+        torch.sub(block.to(work), center_work, out=centered[start:stop])
+        excess[start:stop] = 0.5 * (1.0 - block.to(torch.float64).square().sum(dim=1))
+        centered_sq[start:stop] = centered[start:stop].to(torch.float64).square().sum(dim=1)
+    return centered, excess, centered_sq
+
+
+def _row_products(rows: Tensor, index: Tensor | None, vector: Tensor, matrix: Tensor | None = None) -> Tensor:
+    """``⟨r_i, v⟩`` (and ``r_iᵀ S r_i`` with ``matrix``) in float64 for the rows ``rows[index]``, chunk by chunk.
+
+    Returns:
+        ``(N,)`` or, with ``matrix``, ``((N,), (N,))``.
+    """
+    count = rows.shape[0] if index is None else index.numel()
+    dots = torch.empty(count, dtype=torch.float64, device=rows.device)  # (N,)
+    quadratic = torch.empty(count, dtype=torch.float64, device=rows.device) if matrix is not None else None
+    for start in _row_chunks(count):
+        stop = min(count, start + _STAT_ROWS)
+        block = (rows[start:stop] if index is None else rows[index[start:stop]]).to(torch.float64)  # (n, E)
+        dots[start:stop] = block @ vector
+        if quadratic is not None:
+            quadratic[start:stop] = ((block @ matrix) * block).sum(dim=1)
+    return dots if quadratic is None else (dots, quadratic)
+
+
+def _build_envelope(anchor_probs: Tensor | None, pool_probs: Tensor, score: str, anchor_index: Tensor) -> _Envelope:
+    """Pool sums, per-row constants and exact score sums for the fusion/mask/class strategies.
+
+    ``anchor_probs=None``: the anchors are the pool rows ``anchor_index`` (every index ``>= 0``), and
+    their statistics are read from the pool's instead of being computed again. Sums over rows run in
+    float64 on chunks of :data:`_STAT_ROWS` rows, so no full-size float64 copy is ever made.
+    """
+    work = accumulation_dtype(pool_probs.dtype, *(() if anchor_probs is None else (anchor_probs.dtype,)))
     wide = torch.float64
-    anchors = anchor_probs.to(work)  # (A, E)
-    pool = pool_probs.to(work)  # (M, E)
-    pool_size = pool.shape[0]
-    center = pool.sum(dim=0, dtype=wide) / pool_size  # (E,) float64
-    centered_anchors = anchors - center.to(work)  # (A, E): u_p
-    centered_pool = pool - center.to(work)  # (M, E): d_q
-    anchor_norm = (anchors * anchors).sum(dim=1, dtype=wide)  # (A,) ‖ŷ_p‖²
-    pool_norm = (pool * pool).sum(dim=1, dtype=wide)  # (M,)
-    anchor_excess = 0.5 * (1.0 - anchor_norm)  # (A,) a_p
-    pool_excess = 0.5 * (1.0 - pool_norm)  # (M,) b_q
-    anchor_sq = (centered_anchors * centered_anchors).sum(dim=1, dtype=wide)  # (A,) ‖u_p‖²
-    pool_sq = (centered_pool * centered_pool).sum(dim=1, dtype=wide)  # (M,) ‖d_q‖²
+    pool_size = pool_probs.shape[0]
+    center = _column_sum(pool_probs) / pool_size  # (E,) float64
+    centered_pool, pool_excess, pool_sq = _centered_rows(pool_probs, center, work)  # (M, E): d_q; b_q; ‖d_q‖²
+    if anchor_probs is None:
+        centered_anchors, anchor_rows_of = centered_pool, anchor_index  # u_p = d_{index(p)}
+        anchor_excess, anchor_sq = pool_excess[anchor_index], pool_sq[anchor_index]  # (A,)
+    else:
+        centered_anchors, anchor_excess, anchor_sq = _centered_rows(anchor_probs, center, work)  # (A, E): u_p
+        anchor_rows_of = None
     alpha = 0.5 * anchor_sq + anchor_excess  # (A,)
     beta = 0.5 * pool_sq + pool_excess  # (M,)
     bound_offset = (anchor_sq + anchor_excess).clamp_min(0.0)  # (A,) U_p
     spread = (pool_sq + pool_excess).clamp_min(0.0)  # (M,) δ_q
 
-    pool_center_sum = centered_pool.sum(dim=0, dtype=wide)  # (E,) Σ d_q (≈ 0)
-    cross = centered_anchors.to(wide) @ pool_center_sum  # (A,) ⟨u_p, Σ d_q⟩
+    pool_center_sum = _column_sum(centered_pool)  # (E,) Σ d_q (≈ 0)
+    exponent = _EXPONENT[score]
+    second_moment = None
+    if score == "squared":
+        second_moment = torch.zeros(pool_center_sum.numel(), pool_center_sum.numel(), dtype=wide, device=center.device)
+        weighted_center = torch.zeros_like(pool_center_sum)  # (E,) Σ β_q d_q
+        for start in _row_chunks(pool_size):
+            block = centered_pool[start : start + _STAT_ROWS].to(wide)  # (n, E)
+            second_moment += block.T @ block  # (E, E) Σ d dᵀ
+            weighted_center += beta[start : start + _STAT_ROWS] @ block
+        cross, quadratic = _row_products(centered_anchors, anchor_rows_of, pool_center_sum, second_moment)  # uᵀ(Σ d dᵀ)u
+        weighted = _row_products(centered_anchors, anchor_rows_of, weighted_center)  # (A,) ⟨u_p, Σ β_q d_q⟩
+    else:
+        cross = _row_products(centered_anchors, anchor_rows_of, pool_center_sum)  # (A,) ⟨u_p, Σ d_q⟩
     linear_sum = pool_size * alpha + beta.sum() - cross  # (A,) Σ_q s(p, q), exact identity
     # scores indistinguishable from the rounding of the norms (and of u, d) count as zero
     noise = pool_size * anchor_excess.abs() + pool_excess.abs().sum() + pool_size * 8 * torch.finfo(work).eps
     zero_pool = linear_sum <= noise  # (A,)
 
-    exponent = _EXPONENT[score]
     if score == "linear":
         score_sum = linear_sum
     elif score == "squared":
-        wide_pool = centered_pool.to(wide)  # (M, E)
-        second_moment = wide_pool.T @ wide_pool  # (E, E) Σ d dᵀ
-        weighted_center = beta @ wide_pool  # (E,) Σ β_q d_q
-        wide_anchors = centered_anchors.to(wide)  # (A, E)
-        quadratic = ((wide_anchors @ second_moment) * wide_anchors).sum(dim=1)  # (A,) uᵀ(Σ d dᵀ)u
         score_sum = (
             pool_size * alpha.square() + 2 * alpha * beta.sum() + beta.square().sum()
-            - 2 * alpha * cross - 2 * (wide_anchors @ weighted_center) + quadratic
+            - 2 * alpha * cross - 2 * weighted + quadratic
         ).clamp_min(0.0)  # (A,) Σ_q s²(p, q)
     else:  # sqrt: Σ √s ≥ Σ s / √(max s), max s ≤ min(1, U_p + δ_max)
         score_sum = linear_sum.clamp_min(0.0) / (bound_offset + spread.max()).clamp(max=1.0).clamp_min(1e-300).sqrt()
 
-    ones_a = torch.ones(anchors.shape[0], 1, dtype=work, device=anchors.device)
-    ones_m = torch.ones(pool_size, 1, dtype=work, device=pool.device)
-    anchor_rows = torch.cat([centered_anchors, ones_a, -alpha.to(work)[:, None]], dim=1)  # (A, E+2)
-    pool_rows = torch.cat([centered_pool, -beta.to(work)[:, None], ones_m], dim=1)  # (M, E+2)
+    pool_rows = torch.empty(pool_size, centered_pool.shape[1] + 2, dtype=work, device=centered_pool.device)  # (M, E+2)
+    pool_rows[:, :-2] = centered_pool
+    pool_rows[:, -2] = -beta.to(work)
+    pool_rows[:, -1] = 1.0
+    anchor_rows = None
+    if anchor_probs is not None:
+        anchor_rows = torch.empty(centered_anchors.shape[0], pool_rows.shape[1], dtype=work, device=pool_rows.device)
+        anchor_rows[:, :-2] = centered_anchors
+        anchor_rows[:, -2] = 1.0
+        anchor_rows[:, -1] = -alpha.to(work)
     weight_cdf = spread.pow(exponent).cumsum(dim=0)  # (M,)
     eps = torch.finfo(work).eps
-    slack = 64 * eps * anchors.shape[1] if work == torch.float32 else 1e-9
+    slack = 64 * eps * pool_probs.shape[1] if work == torch.float32 else 1e-9
     return _Envelope(
         exponent=exponent,
         anchor_rows=anchor_rows,
+        anchor_index=anchor_rows_of,
         pool_rows=pool_rows,
         bound_offset=bound_offset,
         spread=spread,
         weight_cdf=weight_cdf,
         score_sum=score_sum,
         zero_pool=zero_pool,
-        mean_score=float(linear_sum.mean() / pool_size) if anchors.shape[0] else float("nan"),
+        mean_score=float(linear_sum.mean() / pool_size) if alpha.numel() else float("nan"),
         slack=float(slack),
         spread_range=(float(spread.min()), float(spread.max())),
     )
@@ -401,7 +481,10 @@ class InstanceAwareSampler:
 
         Args:
             anchor_probs: fused probability vectors of the anchors (unused for ``"uniform"``);
-                any float dtype (float64 is kept, half precision is computed in float32).
+                any float dtype (float64 is kept, half precision is computed in float32). ``None``
+                when every anchor is in the pool: its vector is ``pool_probs[anchor_pool_index]``,
+                and its statistics are read from the pool's instead of computed again (what
+                :class:`~instcontrast.InstanceAwarePixelContrast` does).
             pool_probs: fused probability vectors of the pool (unused for ``"uniform"``).
             anchor_pool_index: each anchor's own row in the pool, or ``-1`` if it is not in it;
                 that row is never sampled for that anchor.
@@ -442,56 +525,78 @@ class InstanceAwareSampler:
             raise ValueError(f"the candidate pool needs at least 2 entries to sample negatives, got {pool_size}")
         envelope = None
         if self.strategy != "uniform":
-            if anchor_probs is None or pool_probs is None:
-                raise ValueError(f"strategy={self.strategy!r} needs anchor_probs (A, E) and pool_probs (M, E)")
-            if anchor_probs.ndim != 2 or anchor_probs.shape[0] != num_anchors:
+            if pool_probs is None:
+                raise ValueError(f"strategy={self.strategy!r} needs pool_probs (M, E) (and anchor_probs (A, E) or anchors in the pool)")
+            if pool_probs.ndim != 2 or pool_probs.shape[0] != pool_size:
+                raise ValueError(f"pool_probs must have shape (M, E) with M = {pool_size}, got {tuple(pool_probs.shape)}")
+            if anchor_probs is None and num_anchors > 0 and int(anchor_pool_index.min()) < 0:
                 raise ValueError(
-                    f"anchor_probs must have shape (A, E) with A = {num_anchors}, got {tuple(anchor_probs.shape)}"
+                    "anchor_probs=None reads each anchor's vector from its pool row, but some anchor_pool_index are -1 "
+                    "(not in the pool): pass anchor_probs (A, E)"
                 )
-            if pool_probs.ndim != 2 or pool_probs.shape[1] != anchor_probs.shape[1] or pool_probs.shape[0] != pool_size:
+            if anchor_probs is not None and (anchor_probs.ndim != 2 or anchor_probs.shape != (num_anchors, pool_probs.shape[1])):
                 raise ValueError(
-                    f"pool_probs must have shape (M, E) = ({pool_size}, {anchor_probs.shape[1]}), got {tuple(pool_probs.shape)}"
+                    f"anchor_probs must be (A, E) and pool_probs (M, E) with A = {num_anchors} and the same E, got "
+                    f"{tuple(anchor_probs.shape)} and {tuple(pool_probs.shape)}"
                 )
             for name, probs in (("anchor_probs", anchor_probs), ("pool_probs", pool_probs)):
-                if not probs.is_floating_point():
+                if probs is not None and not probs.is_floating_point():
                     raise TypeError(f"{name} must be a floating-point tensor, got {probs.dtype}")
-            envelope = _build_envelope(anchor_probs, pool_probs, self.score)
+            envelope = _build_envelope(anchor_probs, pool_probs, self.score, anchor_pool_index)
         return self._rejection_sample(envelope, anchor_pool_index, pool_size, generator)
 
-    def _block_plan(
-        self, envelope: _Envelope | None, rows: Tensor, half_acceptance: Tensor, sorted_rows: bool
-    ) -> tuple[float, Tensor, Tensor]:
-        """The block's mixture weight ``λ``, each row's expected acceptance ``ρ_p`` and constant ``C_p``, ``(c,)`` float64.
+    def _plan_blocks(
+        self, envelope: _Envelope | None, block_rows: list[Tensor], half_acceptance: list[Tensor]
+    ) -> list[tuple[float, Tensor, Tensor | None]]:
+        """Each block's mixture weight ``λ``, its rows' expected acceptance ``ρ_p`` and constants ``C_p``, ``(c,)`` float64.
 
-        Compares the ``λ`` of :data:`_MIXTURE_WEIGHTS` by the expected proposals per negative
-        (mean ``1/ρ``) at a few rows — the :data:`_PLAN_QUANTILES` positions when the rows are
-        sorted by ``U_p`` (``sorted_rows``), every row otherwise — and keeps the cheapest of those
-        whose acceptance stays at least ``min(1/4, what λ = 1/2 gives)`` (``half_acceptance``,
-        ``(c,)``) for every row of the block, so the bounds of the module documentation hold for
-        every anchor. ``C_p`` is ``None`` for ``"uniform"``.
+        For every block at once: compares the ``λ`` of :data:`_MIXTURE_WEIGHTS` by the expected
+        proposals per negative (mean ``1/ρ``) at the :data:`_PLAN_QUANTILES` positions of its rows
+        (sorted by ``U_p``) and keeps the cheapest of those whose acceptance stays at least
+        ``min(1/4, what λ = 1/2 gives)`` (``half_acceptance``) for every row of the block — else
+        ``λ = 1/2`` — so the bounds of the module documentation hold for every anchor. ``block_rows``
+        are the anchors each block samples by rejection. ``C_p`` is ``None`` for ``"uniform"``.
         """
         if envelope is None:
-            return 0.0, torch.full(rows.shape, self.uniform_acceptance, dtype=torch.float64, device=rows.device), None
-        score_sum = envelope.score_sum[rows]  # (c,)
-        floor = min(0.25, float(half_acceptance.min()))
-        chosen = 0.0
-        if envelope.weight_total > 0:  # else δ ≡ 0: the uniform proposal is the only mixture
-            mixtures = torch.tensor(_MIXTURE_WEIGHTS, dtype=torch.float64, device=rows.device)  # (L,)
-            if sorted_rows and rows.numel() > len(_PLAN_QUANTILES):
-                picks = torch.tensor([round(q * (rows.numel() - 1)) for q in _PLAN_QUANTILES], device=rows.device)
-            else:
-                picks = torch.arange(rows.numel(), device=rows.device)
-            probe = score_sum[picks, None] / envelope.envelope_constant(rows[picks], mixtures)  # (r, L)
-            probe = probe.clamp(1e-6, 1.0)
-            cost = probe.reciprocal().mean(dim=0)  # (L,) mean proposals per accepted negative
-            cost[probe.amin(dim=0) < floor] = math.inf
-            chosen = float(mixtures[int(cost.argmin())]) if bool(torch.isfinite(cost).any()) else 0.5
-        constant = envelope.envelope_constant(rows, chosen)  # (c,)
-        acceptance = (score_sum / constant).clamp(1e-6, 1.0)  # (c,)
-        if chosen != 0.5 and envelope.weight_total > 0 and float(acceptance.min()) < floor:
-            constant = envelope.envelope_constant(rows, 0.5)
-            return 0.5, (score_sum / constant).clamp(1e-6, 1.0), constant
-        return chosen, acceptance, constant
+            return [(0.0, torch.full(rows.shape, self.uniform_acceptance, dtype=torch.float64, device=rows.device), None)
+                    for rows in block_rows]  # fmt: skip
+        planned = [index for index, rows in enumerate(block_rows) if rows.numel() > 0]
+        plans: list[tuple[float, Tensor, Tensor | None]] = [(0.0, rows.new_empty(0, dtype=torch.float64), None) for rows in block_rows]
+        if not planned:
+            return plans
+        rows = torch.cat([block_rows[index] for index in planned])  # (n,) every planned row, block after block
+        device = rows.device
+        sizes = torch.tensor([block_rows[index].numel() for index in planned], device=device)  # (b,)
+        starts = sizes.cumsum(0) - sizes  # (b,)
+        block_of_row = torch.repeat_interleave(torch.arange(len(planned), device=device), sizes)  # (n,)
+        half = torch.cat([half_acceptance[index] for index in planned])  # (n,)
+        floor = torch.full((len(planned),), math.inf, dtype=torch.float64, device=device)
+        floor = floor.scatter_reduce_(0, block_of_row, half, "amin").clamp_(max=0.25)  # (b,)
+        score_sum = envelope.score_sum[rows]  # (n,)
+        chosen = torch.zeros(len(planned), dtype=torch.float64, device=device)  # (b,) δ ≡ 0: uniform proposal only
+        if envelope.weight_total > 0:
+            mixtures = torch.tensor(_MIXTURE_WEIGHTS, dtype=torch.float64, device=device)  # (L,)
+            quantiles = torch.tensor(_PLAN_QUANTILES, dtype=torch.float64, device=device)  # (Q,)
+            picks = starts[:, None] + (quantiles[None, :] * (sizes[:, None] - 1)).round().long()  # (b, Q)
+            probe_rows = rows[picks].reshape(-1)  # (b·Q,)
+            probe = score_sum[picks].reshape(-1, 1) / envelope.envelope_constant(probe_rows, mixtures)  # (b·Q, L)
+            probe = probe.clamp(1e-6, 1.0).reshape(len(planned), len(_PLAN_QUANTILES), -1)  # (b, Q, L)
+            cost = probe.reciprocal().mean(dim=1)  # (b, L) mean proposals per accepted negative
+            cost[probe.amin(dim=1) < floor[:, None]] = math.inf
+            chosen = torch.where(torch.isfinite(cost).any(dim=1), mixtures[cost.argmin(dim=1)], 0.5)  # (b,)
+        constant = envelope.envelope_constant(rows, chosen[block_of_row], per_row=True)  # (n,)
+        acceptance = (score_sum / constant).clamp(1e-6, 1.0)  # (n,)
+        if envelope.weight_total > 0:  # a block whose λ starves one of its rows falls back to λ = 1/2
+            lowest = torch.full_like(floor, math.inf).scatter_reduce_(0, block_of_row, acceptance, "amin")  # (b,)
+            redo = (chosen != 0.5) & (lowest < floor)  # (b,)
+            if bool(redo.any()):
+                chosen[redo] = 0.5
+                again = redo[block_of_row]  # (n,)
+                constant[again] = envelope.envelope_constant(rows[again], 0.5)
+                acceptance[again] = (score_sum[again] / constant[again]).clamp(1e-6, 1.0)
+        for index, start, size, mixture in zip(planned, starts.tolist(), sizes.tolist(), chosen.tolist(), strict=True):
+            plans[index] = (mixture, acceptance[start : start + size], constant[start : start + size])
+        return plans
 
     def _accept(
         self,
@@ -579,34 +684,40 @@ class InstanceAwareSampler:
                          for start in range(first_zero, num_anchors, zero_pool_rows_per_block)]
         coin_dtype = envelope.pool_rows.dtype if envelope is not None else torch.float32
         score_buffer = torch.empty(0, dtype=coin_dtype, device=device)  # reused by every round of the call
+        row_buffer = torch.empty(0, 0, dtype=coin_dtype, device=device)  # the block's scaled anchor rows, reused
 
+        rows_of_block = [everyone[start:stop] if order is None else order[start:stop] for start, stop in block_bounds]
+        pending_of_block = [(~zero_pool[rows]).nonzero(as_tuple=True)[0] for rows in rows_of_block]  # sampled by rejection
+        plans = self._plan_blocks(
+            envelope,
+            [rows[pending] for rows, pending in zip(rows_of_block, pending_of_block, strict=True)],
+            [half_acceptance[start:stop][pending] for (start, stop), pending in zip(block_bounds, pending_of_block, strict=True)],
+        )
         starts, block_candidates, block_columns, block_segments = [], [], [], []
         proposals = accepted = max_rounds_used = fallbacks = fallback_anchors = 0
         min_acceptance = math.inf
-        for start, stop in block_bounds:
+        for (start, stop), rows, pending, plan in zip(block_bounds, rows_of_block, pending_of_block, plans, strict=True):
             size = stop - start
-            rows = everyone[start:stop] if order is None else order[start:stop]  # (c,) the block's anchors
             own = anchor_pool_index[rows]  # (c,)
-            block_zero = zero_pool[rows]  # (c,)
             # column 0 takes rejections, column R + 1 acceptances beyond a row's need: both dropped
             columns = torch.full((size, num_negatives + 2), -1, dtype=torch.long, device=device)  # (c, R + 2)
             filled = torch.zeros(size, dtype=torch.int32, device=device)  # (c,)
-            pending = (~block_zero).nonzero(as_tuple=True)[0]  # local rows sampled by rejection
             candidate_parts: list[Tensor] = []
             segments: list[tuple[Tensor | None, int, int]] = []
             offset = rounds = 0
             mixture, row_block = 0.0, None
             if pending.numel() > 0:
-                mixture, acceptance, constant = self._block_plan(
-                    envelope, rows[pending], half_acceptance[start:stop][pending], order is not None
-                )  # (p,), (p,)
+                mixture, acceptance, constant = plan  # λ, (p,), (p,)
                 acceptance_of_row = torch.zeros(size, dtype=torch.float64, device=device)
                 acceptance_of_row[pending] = acceptance
                 min_acceptance = min(min_acceptance, float(acceptance.min()))
                 if envelope is not None:  # zero-pool rows: never scored, any finite scale does
                     row_scale = torch.ones(size, dtype=torch.float64, device=device)  # (c,)
                     row_scale[pending] = constant.pow(-1.0 / envelope.exponent)
-                    row_block = envelope.anchor_rows[rows] * row_scale.to(envelope.pool_rows.dtype)[:, None]  # (c, E+2)
+                    if row_buffer.shape[0] < size:
+                        row_buffer = torch.empty(size, envelope.pool_rows.shape[1], dtype=coin_dtype, device=device)
+                    row_block = envelope.anchor_block(rows, out=row_buffer[:size])  # (c, E+2), reused buffer
+                    row_block.mul_(row_scale.to(envelope.pool_rows.dtype)[:, None])
             while pending.numel() > 0 and rounds < self.max_rounds:
                 rounds += 1
                 need = num_negatives - filled[pending]  # (p,)

@@ -94,3 +94,17 @@ def test_invalid_arguments_raise() -> None:
         sampler(probs[:1], probs[:1], torch.tensor([0]))
     with pytest.raises(ValueError, match="pool_probs"):
         sampler(probs[:2], probs[:, :3], torch.arange(2))
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_anchors_read_from_the_pool_sample_like_anchors_passed_in(score: str) -> None:
+    """``anchor_probs=None`` takes each anchor's vector from its pool row: same envelope, same draws."""
+    probs = _small_pool(5, "fusion")  # (12, E)
+    anchors = torch.tensor([7, 0, 3, 3, 11])
+    sampler = InstanceAwareSampler(num_negatives=64, score=score)
+    passed = sampler(probs[anchors], probs, anchors, generator=torch.Generator().manual_seed(1))
+    read = sampler(None, probs, anchors, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(passed.index, read.index)
+    assert read.mean_score == pytest.approx(passed.mean_score, rel=1e-12)
+    with pytest.raises(ValueError, match="not in the pool"):
+        sampler(None, probs, torch.tensor([0, -1]))

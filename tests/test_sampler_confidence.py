@@ -43,13 +43,14 @@ def _brute_force_scores(probs: torch.Tensor, score: str) -> torch.Tensor:
     return transform_score((1.0 - wide @ wide.T).clamp(0.0, 1.0), score)  # (M, M)
 
 
+@pytest.mark.parametrize("anchors_in_pool", [False, True], ids=["anchors-passed", "anchors-read-from-pool"])
 @pytest.mark.parametrize("score", SCORES)
 @pytest.mark.parametrize("logit_scale", LOGIT_SCALES)
-def test_envelope_dominates_the_target_for_every_pair(logit_scale: float, score: str) -> None:
+def test_envelope_dominates_the_target_for_every_pair(logit_scale: float, score: str, anchors_in_pool: bool) -> None:
     probs = _probs(logit_scale)
-    envelope = _build_envelope(probs, probs, score)
-    target = _brute_force_scores(probs, score)  # (M, M)
     everyone = torch.arange(probs.shape[0])
+    envelope = _build_envelope(None if anchors_in_pool else probs, probs, score, everyone)
+    target = _brute_force_scores(probs, score)  # (M, M)
     for mixture in (0.0, 0.2, 0.5, 0.9):
         constant = envelope.envelope_constant(everyone, mixture)  # (M,)
         density = envelope.proposal_density(everyone, mixture)  # (M,)
@@ -58,11 +59,13 @@ def test_envelope_dominates_the_target_for_every_pair(logit_scale: float, score:
         assert float(ratio.max()) <= 1.0, (mixture, float(ratio.max()))
 
 
+@pytest.mark.parametrize("anchors_in_pool", [False, True], ids=["anchors-passed", "anchors-read-from-pool"])
 @pytest.mark.parametrize("score", ["linear", "squared"])
 @pytest.mark.parametrize("logit_scale", LOGIT_SCALES)
-def test_closed_form_score_sums_equal_brute_force(logit_scale: float, score: str) -> None:
+def test_closed_form_score_sums_equal_brute_force(logit_scale: float, score: str, anchors_in_pool: bool) -> None:
     probs = _probs(logit_scale)
-    envelope = _build_envelope(probs[:20], probs, score)
+    first = torch.arange(20)
+    envelope = _build_envelope(None if anchors_in_pool else probs[:20], probs, score, first)
     expected = _brute_force_scores(probs, score)[:20].sum(dim=1)  # (20,)
     torch.testing.assert_close(envelope.score_sum, expected, rtol=1e-4, atol=1e-9)
     mean = debias_score(probs[:20, None].double(), probs[None].double()).mean()
@@ -138,8 +141,10 @@ def test_zero_pool_detection_ignores_norm_rounding_only() -> None:
 def test_float64_probabilities_are_sampled_in_float64() -> None:
     probs = _probs(0.3, dtype=torch.float64)
     assert probs.dtype == torch.float64
-    envelope = _build_envelope(probs, probs, "linear")
-    assert envelope.anchor_rows.dtype == torch.float64 and envelope.pool_rows.dtype == torch.float64
+    everyone = torch.arange(probs.shape[0])
+    for anchor_probs in (probs, None):
+        envelope = _build_envelope(anchor_probs, probs, "linear", everyone)
+        assert envelope.anchor_block(everyone).dtype == torch.float64 and envelope.pool_rows.dtype == torch.float64
     out = InstanceAwareSampler(num_negatives=32)(probs, probs, torch.arange(probs.shape[0]))
     assert out.index.shape == (probs.shape[0], 32) and out.fallbacks == 0
 

@@ -143,37 +143,24 @@ def block_scores(block_anchors: Tensor, pool: Tensor, blocks: Any, block: int) -
     return scores
 
 
-def _block_slice(blocks: Any, block: int) -> slice:
-    """One block's rows as a slice of the block-row order (anchor ``order[i]`` at row ``i``)."""
-    start = blocks.starts[block]
-    return slice(start, start + blocks.columns[block].shape[0])
-
-
 class _BlockedLogSumExp(torch.autograd.Function):
-    """Same value as :class:`_SampledLogSumExp`, for negatives given as candidate blocks.
-
-    With a row ``order`` the anchors are permuted once into block-row order (one gather), so every
-    block is a slice; the log-sum-exp and the anchor gradient are permuted back once at the end.
-    """
+    """Same value as :class:`_SampledLogSumExp`, for negatives given as candidate blocks; also returns
+    the sum of the chosen negatives' dot products (no gradient)."""
 
     @staticmethod
     @without_autocast(1)
     def forward(ctx, anchors: Tensor, pool: Tensor, scale: float, blocks: Any):
         accumulate = accumulation_dtype(anchors.dtype, pool.dtype)
-        order = blocks.order  # (A,) anchor of each block row, or None
         anchors_acc = anchors.to(accumulate)  # (A, D)
-        if order is not None:
-            anchors_acc = anchors_acc[order]  # (A, D) in block-row order
         pool_acc = pool.to(accumulate)  # (M, D)
-        lse_rows = torch.empty(anchors.shape[0], dtype=accumulate, device=anchors.device)  # (A,) block-row order
+        lse = torch.empty(anchors.shape[0], dtype=accumulate, device=anchors.device)  # (A,)
         negative_sum = torch.zeros((), dtype=accumulate, device=anchors.device)  # Σ_a Σ_r <x_a, m_{i_ar}>
         for block, block_columns in enumerate(blocks.columns):
-            rows = _block_slice(blocks, block)
+            rows = blocks.block_rows(block)  # the block's anchors: a slice, or (c,) with a row order
             scores = block_scores(anchors_acc[rows], pool_acc, blocks, block)  # (c, m)
             chosen = scores.gather(1, block_columns.long())  # (c, R) the negatives' dot products
             negative_sum += chosen.sum()
-            lse_rows[rows] = torch.logsumexp(chosen * scale, dim=1)
-        lse = lse_rows if order is None else torch.empty_like(lse_rows).index_copy_(0, order, lse_rows)  # (A,)
+            lse[rows] = torch.logsumexp(chosen * scale, dim=1)
         ctx.save_for_backward(anchors, pool, lse)
         ctx.scale = scale
         ctx.blocks = blocks  # index tensors only: nothing here requires grad
@@ -186,41 +173,36 @@ class _BlockedLogSumExp(torch.autograd.Function):
         anchors, pool, lse = ctx.saved_tensors
         blocks, scale = ctx.blocks, ctx.scale
         accumulate = lse.dtype
-        order = blocks.order
-        anchors_acc = anchors.to(accumulate)  # (A, D)
-        grad_lse = grad_lse.to(accumulate)  # (A,)
-        if order is not None:  # everything in block-row order: each block is a slice
-            anchors_acc, lse, grad_lse = anchors_acc[order], lse[order], grad_lse[order]
+        anchors_acc = anchors.to(accumulate)
         pool_acc = pool.to(accumulate)
+        grad_lse = grad_lse.to(accumulate)
         need_anchor_grad, need_pool_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_rows = torch.zeros_like(anchors_acc) if need_anchor_grad else None  # (A, D) block-row order
+        grad_anchors = torch.zeros_like(anchors_acc) if need_anchor_grad else None  # (A, D)
         grad_pool = torch.zeros_like(pool_acc) if need_pool_grad else None  # (M, D)
         for block, block_columns in enumerate(blocks.columns):
             block_columns = block_columns.long()  # (c, R) gather/scatter indices (stored as int32)
-            rows = _block_slice(blocks, block)
-            block_anchors = anchors_acc[rows]  # (c, D)
+            block_rows = blocks.block_rows(block)  # the block's anchors: a slice, or (c,) with a row order
+            block_anchors = anchors_acc[block_rows]  # (c, D)
             candidates = blocks.candidates[block]  # (m,)
             chosen = block_scores(block_anchors, pool_acc, blocks, block).gather(1, block_columns) * scale  # (c, R)
-            weights = torch.exp(chosen - lse[rows, None]) * (grad_lse[rows, None] * scale)  # (c, R)
+            weights = torch.exp(chosen - lse[block_rows, None]) * (grad_lse[block_rows, None] * scale)  # (c, R)
             # d lse / d score[c, j] summed over the slots that chose column j (repeats add up)
             score_grad = torch.zeros(block_columns.shape[0], candidates.numel(), dtype=accumulate, device=anchors.device)
             score_grad.scatter_add_(1, block_columns, weights)  # (c, m)
-            for segment_rows, lo, hi in blocks.block_segments(block):
+            for rows, lo, hi in blocks.block_segments(block):
                 segment_pool = pool_acc[candidates[lo:hi]]  # (m_s, D)
-                if segment_rows is None:
+                if rows is None:
                     segment_grad, segment_anchors = score_grad[:, lo:hi], block_anchors  # (c, m_s), (c, D)
                 else:
-                    segment_grad, segment_anchors = score_grad[segment_rows, lo:hi], block_anchors[segment_rows]  # (p, m_s), (p, D)
-                if grad_rows is not None:
-                    if segment_rows is None:
-                        grad_rows[rows] += segment_grad @ segment_pool  # (c, D)
-                    else:  # distinct rows: index_add_ adds each once
-                        grad_rows.index_add_(0, segment_rows + rows.start, segment_grad @ segment_pool)  # (p, D)
+                    segment_grad, segment_anchors = score_grad[rows, lo:hi], block_anchors[rows]  # (p, m_s), (p, D)
+                if grad_anchors is not None:
+                    if isinstance(block_rows, slice) and rows is None:
+                        grad_anchors[block_rows] += segment_grad @ segment_pool  # (c, D)
+                    else:  # distinct anchors: index_add_ adds each row once
+                        grad_anchors.index_add_(0, blocks.anchor_rows(block, rows), segment_grad @ segment_pool)  # (p, D)
                 if grad_pool is not None:
                     grad_pool.index_add_(0, candidates[lo:hi], segment_grad.T @ segment_anchors)  # (m_s, D)
-        grad_anchors = None
-        if grad_rows is not None:
-            grad_anchors = grad_rows if order is None else torch.empty_like(grad_rows).index_copy_(0, order, grad_rows)
+        if grad_anchors is not None:
             grad_anchors = grad_anchors.to(anchors.dtype)
         if grad_pool is not None:
             grad_pool = grad_pool.to(pool.dtype)
