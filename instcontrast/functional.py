@@ -85,12 +85,17 @@ def fused_probability(
     mask_probs = mask_logits.reshape(batch, queries, -1).softmax(dim=1)  # (B, K, N)
     mask_probs = mask_probs.transpose(1, 2)  # (B, N, K)
     if strategy == "mask":
-        parts = mask_probs
-    else:
-        class_probs = class_logits.to(work).softmax(dim=-1)  # (B, K, C+1)
-        expected_class = torch.bmm(mask_probs, class_probs)  # (B, N, C+1)
-        parts = expected_class if strategy == "class" else torch.cat([mask_probs, expected_class], dim=-1)
-    return F.normalize(parts, p=2.0, dim=-1)  # (B, N, E)
+        return F.normalize(mask_probs, p=2.0, dim=-1)  # (B, N, K)
+    class_probs = class_logits.to(work).softmax(dim=-1)  # (B, K, C+1)
+    expected_class = torch.bmm(mask_probs, class_probs)  # (B, N, C+1)
+    if strategy == "class":
+        return F.normalize(expected_class, p=2.0, dim=-1)  # (B, N, C+1)
+    # both parts written into one buffer and normalized in place: F.normalize(cat(...)) without two copies
+    fused = torch.empty(*mask_probs.shape[:2], queries + class_probs.shape[-1], dtype=work, device=mask_probs.device)
+    fused[..., :queries] = mask_probs
+    fused[..., queries:] = expected_class
+    norm = torch.linalg.vector_norm(fused, dim=-1, keepdim=True).clamp_min(1e-12)  # (B, N, 1)
+    return fused.div_(norm) if not fused.requires_grad else fused / norm  # (B, N, E)
 
 
 def debias_score(anchor_probs: Tensor, candidate_probs: Tensor, score: str = "linear") -> Tensor:

@@ -185,3 +185,17 @@ def test_empirical_margin_on_candidate_blocks_averages_over_all_a_times_r_negati
     expected = positive_cos.mean() - negative_cos.mean()
     torch.testing.assert_close(empirical_margin(anchors, positives, pool, blocks), expected)
     torch.testing.assert_close(empirical_margin(anchors, positives, pool, index), expected)
+
+
+def test_fused_probability_is_differentiable_and_equals_the_normalized_concatenation() -> None:
+    generator = torch.Generator().manual_seed(0)
+    mask_logits = torch.randn(2, 3, 4, 5, generator=generator, requires_grad=True)
+    class_logits = torch.randn(2, 3, 6, generator=generator, requires_grad=True)
+    fused = fused_probability(mask_logits, class_logits)  # (2, 20, 9)
+    mask_probs = mask_logits.reshape(2, 3, -1).softmax(dim=1).transpose(1, 2)
+    expected = torch.nn.functional.normalize(torch.cat([mask_probs, mask_probs @ class_logits.softmax(-1)], -1), dim=-1)
+    torch.testing.assert_close(fused, expected)
+    fused.square().sum().backward()  # the buffer is normalized in place only when no gradient is needed
+    assert mask_logits.grad is not None and class_logits.grad is not None
+    with torch.no_grad():
+        torch.testing.assert_close(fused_probability(mask_logits, class_logits), expected)
