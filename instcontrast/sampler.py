@@ -61,9 +61,16 @@ candidates look like the same instance — is not sampled by rejection: it is re
 After ``max_rounds`` rounds, any missing slot also falls back to uniform (reported; with the sizes
 above this does not happen in practice).
 
+**Coins.** A round needs one uniform coin per (row, candidate) pair; drawing ``c·m`` of them cost
+as much as scoring the pairs. Row :math:`i` reads candidate :math:`j`'s coin as :math:`v_{i+j}` from
+one vector of :math:`c + m - 1` uniforms (a strided view): a row's coins are distinct entries, so
+they are i.i.d. and independent of the proposals, which is all rejection sampling needs, and two
+rows never share the coin of one candidate (see ``InstanceAwareSampler._accept``).
+
 Within one anchor the ``R`` negatives are exactly i.i.d. from the target. Anchors of one block
-share proposals, so negatives of *different* anchors are not independent of each other; this does
-not change any anchor's distribution, hence not the expected loss.
+share proposals (and coins along anti-diagonals), so negatives of *different* anchors are not
+independent of each other; this does not change any anchor's distribution, hence not the
+expected loss.
 """
 
 from __future__ import annotations
@@ -426,7 +433,7 @@ class InstanceAwareSampler:
             path in tests).
         uniform_acceptance: for ``"uniform"``, the constant acceptance probability. Uniform sampling
             runs through the same blocked proposals (thinning an i.i.d. uniform sequence with
-            independent coins keeps it i.i.d. uniform), so that both strategies produce the same
+            i.i.d. coins keeps it i.i.d. uniform), so that both strategies produce the same
             block structure and cost the same in the loss.
 
     Raises:
