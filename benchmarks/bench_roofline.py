@@ -210,7 +210,7 @@ class Components:
     def sample(self) -> NegativeSamples:
         """Fused probabilities + exact sampler."""
         probs = self.inputs.probs()
-        return self.sampler(probs, probs, self.anchor_rows, pool_size=self.shape.pixels, generator=self.generator)
+        return self.sampler(None, probs, self.anchor_rows, pool_size=self.shape.pixels, generator=self.generator)  # as the module: anchors are pool rows
 
     def forward(self, samples: NegativeSamples) -> torch.Tensor:
         """The loss on the sampled negatives, exactly as the module calls it (graph kept for backward)."""
