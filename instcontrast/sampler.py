@@ -56,8 +56,10 @@ is sized for its median anchor; the anchors still short (about half, each missin
 negatives) finish in a second, much smaller round. Each round's candidate range is cut into pieces that list only the rows still using
 them (:class:`CandidateBlocks` segments), so the loss scores each row up to its last accepted
 candidate. An anchor whose pool scores are all zero (up to the rounding of the vectors' norms) — all
-candidates look like the same instance — is not sampled by rejection: it is reported
-(``zero_pool_anchors``) and gets uniform draws over the pool minus itself, counted as fallbacks.
+candidates look like the same instance — is not sampled from its envelope: it is reported
+(``zero_pool_anchors``) and gets uniform draws over the pool minus itself, counted as fallbacks,
+drawn as ``strategy="uniform"`` draws them (shared proposals thinned at ``uniform_acceptance``, in
+blocks of their own), so a collapsed model costs what uniform sampling costs.
 After ``max_rounds`` rounds, any missing slot also falls back to uniform (reported; with the sizes
 above this does not happen in practice).
 
@@ -684,27 +686,38 @@ class InstanceAwareSampler:
         first_size = float(_round_size(torch.tensor([float(num_negatives)]), typical.median().reshape(1).cpu())[0])
         first_size = min(first_size, self.max_proposals_per_slot * num_negatives)
         rows_per_block = max(1, int(_BLOCK_ELEMENTS // max(1.0, first_size)))
-        zero_pool_rows_per_block = max(1, math.isqrt(_BLOCK_ELEMENTS // num_negatives))  # c · (c·R) <= _BLOCK_ELEMENTS
+        # zero-pool rows are drawn like strategy="uniform" (their target is uniform over the pool minus the
+        # anchor): shared proposals thinned at uniform_acceptance, in blocks of their own
+        uniform_first = float(_round_size(torch.tensor([float(num_negatives)]), torch.tensor([self.uniform_acceptance]))[0])
+        zero_pool_rows_per_block = max(1, int(_BLOCK_ELEMENTS // max(1.0, uniform_first)))
         first_zero = num_anchors - num_zero_pool if order is not None else num_anchors
         block_bounds = [(start, min(first_zero, start + rows_per_block)) for start in range(0, first_zero, rows_per_block)]
         block_bounds += [(start, min(num_anchors, start + zero_pool_rows_per_block))
                          for start in range(first_zero, num_anchors, zero_pool_rows_per_block)]
+        zero_pool_block = [envelope is not None and start >= first_zero for start, _ in block_bounds]
         coin_dtype = envelope.pool_rows.dtype if envelope is not None else torch.float32
         score_buffer = torch.empty(0, dtype=coin_dtype, device=device)  # reused by every round of the call
         row_buffer = torch.empty(0, 0, dtype=coin_dtype, device=device)  # the block's scaled anchor rows, reused
 
         rows_of_block = [everyone[start:stop] if order is None else order[start:stop] for start, stop in block_bounds]
-        pending_of_block = [(~zero_pool[rows]).nonzero(as_tuple=True)[0] for rows in rows_of_block]  # sampled by rejection
+        pending_of_block = [(~zero_pool[rows]).nonzero(as_tuple=True)[0] for rows in rows_of_block]  # sampled from the target
         plans = self._plan_blocks(
             envelope,
             [rows[pending] for rows, pending in zip(rows_of_block, pending_of_block, strict=True)],
             [half_acceptance[start:stop][pending] for (start, stop), pending in zip(block_bounds, pending_of_block, strict=True)],
         )
+        for block, rows in enumerate(rows_of_block):  # zero-pool blocks: every row, uniform proposals
+            if zero_pool_block[block]:
+                pending_of_block[block] = torch.arange(rows.numel(), device=device)
+                plans[block] = self._plan_blocks(None, [rows], [])[0]
         starts, block_candidates, block_columns, block_segments = [], [], [], []
         proposals = accepted = max_rounds_used = fallbacks = fallback_anchors = 0
         min_acceptance = math.inf
-        for (start, stop), rows, pending, plan in zip(block_bounds, rows_of_block, pending_of_block, plans, strict=True):
+        for (start, stop), rows, pending, plan, uniform_rows in zip(
+            block_bounds, rows_of_block, pending_of_block, plans, zero_pool_block, strict=True
+        ):
             size = stop - start
+            block_envelope = None if uniform_rows else envelope  # None: uniform proposals and thinning
             own = anchor_pool_index[rows]  # (c,)
             # column 0 takes rejections, column R + 1 acceptances beyond a row's need: both dropped
             columns = torch.full((size, num_negatives + 2), -1, dtype=torch.long, device=device)  # (c, R + 2)
@@ -717,8 +730,9 @@ class InstanceAwareSampler:
                 mixture, acceptance, constant = plan  # λ, (p,), (p,)
                 acceptance_of_row = torch.zeros(size, dtype=torch.float64, device=device)
                 acceptance_of_row[pending] = acceptance
-                min_acceptance = min(min_acceptance, float(acceptance.min()))
-                if envelope is not None:  # zero-pool rows: never scored, any finite scale does
+                if not uniform_rows:
+                    min_acceptance = min(min_acceptance, float(acceptance.min()))
+                if block_envelope is not None:  # zero-pool rows: never scored, any finite scale does
                     row_scale = torch.ones(size, dtype=torch.float64, device=device)  # (c,)
                     row_scale[pending] = constant.pow(-1.0 / envelope.exponent)
                     if row_buffer.shape[0] < size:
@@ -732,7 +746,7 @@ class InstanceAwareSampler:
                 # first round: enough for most rows (the rest finish in a small second round); later: all
                 wanted = sizes.quantile(_FIRST_ROUND_QUANTILE) if rounds == 1 and sizes.numel() > 1 else sizes.max()
                 num_candidates = int(min(float(wanted), self.max_proposals_per_slot * int(need.max())))
-                if envelope is None:
+                if block_envelope is None:
                     candidates = torch.randint(0, pool_size, (num_candidates,), generator=generator, device=device)
                 else:
                     candidates = envelope.propose(num_candidates, mixture, generator)  # (m,)
@@ -741,7 +755,7 @@ class InstanceAwareSampler:
                     score_buffer = torch.empty(pending.numel() * num_candidates, dtype=coin_dtype, device=device)
                 scores = score_buffer[: pending.numel() * num_candidates].view(pending.numel(), num_candidates)  # (p, m)
                 accept = self._accept(
-                    envelope, None if row_block is None else (row_block if whole_block else row_block[pending]),
+                    block_envelope, None if row_block is None else (row_block if whole_block else row_block[pending]),
                     own[pending], candidates, mixture, scores, generator,
                 )  # (p, m)  # fmt: skip
                 # a row's k-th acceptance is its k-th draw: slot = already filled + rank (1-based);
@@ -763,7 +777,10 @@ class InstanceAwareSampler:
                 accepted += int(counts.sum())
                 pending = pending[filled[pending] < num_negatives]
             columns = columns[:, 1 : num_negatives + 1].contiguous()  # (c, R): drop the spare columns
-            short_rows = (filled < num_negatives).nonzero(as_tuple=True)[0]  # zero-pool rows + rounds exhausted
+            if uniform_rows:  # zero-pool rows count as fallbacks, R slots each, however they were drawn
+                fallbacks += int(filled.sum())
+                fallback_anchors += size
+            short_rows = (filled < num_negatives).nonzero(as_tuple=True)[0]  # rounds exhausted
             if short_rows.numel() > 0:  # uniform over the pool minus the anchor, counted
                 block_rows = columns[short_rows]  # (p, R)
                 short = block_rows < 0  # (p, R)
@@ -774,7 +791,7 @@ class InstanceAwareSampler:
                 candidate_parts.append(fallback[short])
                 segments.append((None if short_rows.numel() == size else short_rows, offset, offset + count))
                 fallbacks += count
-                fallback_anchors += int(short_rows.numel())
+                fallback_anchors += 0 if uniform_rows else int(short_rows.numel())
             starts.append(start)
             block_candidates.append(torch.cat(candidate_parts))
             block_columns.append(columns.to(torch.int32))  # (c, R): half the memory of int64
