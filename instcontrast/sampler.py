@@ -322,7 +322,6 @@ def _build_envelope(anchor_probs: Tensor | None, pool_probs: Tensor, score: str,
 
     pool_center_sum = _column_sum(centered_pool)  # (E,) Σ d_q (≈ 0)
     exponent = _EXPONENT[score]
-    second_moment = None
     if score == "squared":
         second_moment = torch.zeros(pool_center_sum.numel(), pool_center_sum.numel(), dtype=wide, device=center.device)
         weighted_center = torch.zeros_like(pool_center_sum)  # (E,) Σ β_q d_q

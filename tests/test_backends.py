@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from blocked_checks import assert_blocked_matches_reference
 
 from instcontrast import InstanceAwarePixelContrast
 from instcontrast._backend import resolve_backend
@@ -148,22 +149,12 @@ def test_blocked_gradcheck_float64() -> None:
 
 def test_blocked_backward_over_several_blocks_with_repeated_columns_matches_reference(hand_blocks) -> None:
     # repeats add up: a column chosen twice by an anchor (and a candidate listed twice) counts twice
-    from instcontrast.ops.chunked import sampled_logsumexp_blocked
-
     blocks = hand_blocks  # three blocks, repeated candidates and columns, per-round segments (conftest)
     generator = torch.Generator().manual_seed(0)
     anchors = torch.randn(8, 4, generator=generator)
     pool = torch.randn(6, 4, generator=generator)
     upstream = torch.randn(8, generator=generator)
-    a_ref, p_ref = anchors.clone().requires_grad_(), pool.clone().requires_grad_()
-    a_blk, p_blk = anchors.clone().requires_grad_(), pool.clone().requires_grad_()
-    ref = sampled_logsumexp_reference(a_ref, p_ref, blocks.to_index(), 2.0)
-    blk = sampled_logsumexp_blocked(a_blk, p_blk, blocks, 2.0)
-    torch.testing.assert_close(blk, ref)
-    (ref * upstream).sum().backward()
-    (blk * upstream).sum().backward()
-    torch.testing.assert_close(a_blk.grad, a_ref.grad)
-    torch.testing.assert_close(p_blk.grad, p_ref.grad)
+    assert_blocked_matches_reference(anchors, pool, blocks, 2.0, upstream)
 
 
 def test_blocked_gradcheck_float64_over_several_blocks(hand_blocks) -> None:

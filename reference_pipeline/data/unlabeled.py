@@ -37,7 +37,24 @@ def _unannotated(image: np.ndarray, image_id: int, file_name: str) -> InstanceSa
     )
 
 
-class ImageFolderDataset:
+class _UnannotatedImages:
+    """Samples without instances from ``root / file_names[i]`` with ``image_ids[i]`` (set by the subclass)."""
+
+    root: Path
+    file_names: list[str]
+    image_ids: list[int]
+    _what = "unlabeled images"  # names the dataset in index errors
+
+    def __len__(self) -> int:
+        return len(self.file_names)
+
+    def __getitem__(self, index: int) -> InstanceSample:
+        index = check_index(index, len(self), self._what)
+        image = load_rgb_image(self.root / self.file_names[index])
+        return _unannotated(image, self.image_ids[index], self.file_names[index])
+
+
+class ImageFolderDataset(_UnannotatedImages):
     """The images under a folder (recursively, sorted by relative path) as samples without instances.
 
     Args:
@@ -68,16 +85,10 @@ class ImageFolderDataset:
         self.image_ids: list[int] = list(range(len(self.file_names)))
         self.class_names = list(class_names)
 
-    def __len__(self) -> int:
-        return len(self.file_names)
-
-    def __getitem__(self, index: int) -> InstanceSample:
-        index = check_index(index, len(self), "image folder")
-        image = load_rgb_image(self.root / self.file_names[index])
-        return _unannotated(image, self.image_ids[index], self.file_names[index])
+    _what = "image folder"
 
 
-class CocoImageListDataset:
+class CocoImageListDataset(_UnannotatedImages):
     """The images a COCO JSON lists (its ``images`` entries), without instances: annotations are ignored.
 
     Args:
@@ -128,10 +139,4 @@ class CocoImageListDataset:
             )
         self.class_names = list(class_names)
 
-    def __len__(self) -> int:
-        return len(self.file_names)
-
-    def __getitem__(self, index: int) -> InstanceSample:
-        index = check_index(index, len(self), "COCO image list")
-        image = load_rgb_image(self.root / self.file_names[index])
-        return _unannotated(image, self.image_ids[index], self.file_names[index])
+    _what = "COCO image list"
