@@ -72,10 +72,7 @@ def sample_geometry(samples: Any, blocked: bool) -> SampleGeometry:
     if blocks is None:
         return SampleGeometry(float(samples.proposals), False, None, None)
     # the pairs the blocked path scores: each proposal round (segment) only for the rows it serves
-    dense = 0.0
-    for block, columns in enumerate(blocks.columns):
-        for rows, lo, hi in blocks.block_segments(block):
-            dense += (columns.shape[0] if rows is None else rows.numel()) * (hi - lo)
+    dense = float(blocks.scored_pairs)
     rows = float(sum(candidates.numel() for candidates in blocks.candidates))
     return SampleGeometry(float(samples.proposals), blocked, dense, rows)
 

@@ -31,8 +31,10 @@ class CandidateBlocks:
     A block's candidate list is the concatenation of its proposal rounds. Later rounds serve only
     the anchors still short, and within a round a row stops at its last accepted candidate, so
     ``segments[b]`` lists ``(rows, lo, hi)`` pieces: the block's local rows that may point into
-    ``candidates[b][lo:hi]`` (``None`` = every row). Scoring only those (row, column) ranges gives
-    the same values for every chosen column at less cost.
+    ``candidates[b][lo:hi]`` (``None`` = every row, a ``slice`` = those rows, a tensor = those row
+    indices, distinct). Scoring only those (row, column) ranges gives the same values for every
+    chosen column at less cost. The sampler sorts a block's rows by the last candidate they use,
+    so its segments are prefix slices ``0:k``: views, no gathers.
 
     The sampler groups anchors whose proposal fits best into the same block, so a block's rows
     need not be consecutive anchors: with ``order`` given, local row ``i`` of block ``b`` is anchor
@@ -52,7 +54,7 @@ class CandidateBlocks:
     candidates: tuple[Tensor, ...]
     columns: tuple[Tensor, ...]
     num_negatives: int = 0
-    segments: tuple[tuple[tuple[Tensor | None, int, int], ...], ...] = ()
+    segments: tuple[tuple[tuple[Tensor | slice | None, int, int], ...], ...] = ()
     order: Tensor | None = None
 
     def block_rows(self, block: int) -> slice | Tensor:
@@ -68,11 +70,21 @@ class CandidateBlocks:
             return block_rows
         return block_rows[rows] if isinstance(block_rows, Tensor) else rows + block_rows.start
 
-    def block_segments(self, block: int) -> tuple[tuple[Tensor | None, int, int], ...]:
+    def block_segments(self, block: int) -> tuple[tuple[Tensor | slice | None, int, int], ...]:
         """The ``(rows, lo, hi)`` segments of one block."""
         if self.segments:
             return self.segments[block]
         return ((None, 0, self.candidates[block].numel()),)
+
+    @property
+    def scored_pairs(self) -> int:
+        """Anchor × candidate pairs the segments cover, ``Σ_b Σ_segments rows·(hi - lo)``."""
+        total = 0
+        for block, columns in enumerate(self.columns):
+            for rows, lo, hi in self.block_segments(block):
+                count = columns.shape[0] if rows is None else (rows.numel() if isinstance(rows, Tensor) else len(range(columns.shape[0])[rows]))
+                total += count * (hi - lo)
+        return total
 
     @property
     def num_anchors(self) -> int:

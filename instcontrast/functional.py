@@ -87,13 +87,15 @@ def fused_probability(
     if strategy == "mask":
         return F.normalize(mask_probs, p=2.0, dim=-1)  # (B, N, K)
     class_probs = class_logits.to(work).softmax(dim=-1)  # (B, K, C+1)
-    expected_class = torch.bmm(mask_probs, class_probs)  # (B, N, C+1)
     if strategy == "class":
-        return F.normalize(expected_class, p=2.0, dim=-1)  # (B, N, C+1)
+        return F.normalize(torch.bmm(mask_probs, class_probs), p=2.0, dim=-1)  # (B, N, C+1)
     # both parts written into one buffer and normalized in place: F.normalize(cat(...)) without two copies
     fused = torch.empty(*mask_probs.shape[:2], queries + class_probs.shape[-1], dtype=work, device=mask_probs.device)
     fused[..., :queries] = mask_probs
-    fused[..., queries:] = expected_class
+    if torch.is_grad_enabled() and (mask_probs.requires_grad or class_probs.requires_grad):
+        fused[..., queries:] = torch.bmm(mask_probs, class_probs)  # (B, N, C+1)
+    else:  # the product reads the rows just written (unit stride) and writes its part in place
+        torch.bmm(fused[..., :queries], class_probs, out=fused[..., queries:])  # (B, N, C+1)
     norm = torch.linalg.vector_norm(fused, dim=-1, keepdim=True).clamp_min(1e-12)  # (B, N, 1)
     return fused.div_(norm) if not fused.requires_grad else fused / norm  # (B, N, E)
 

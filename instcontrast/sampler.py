@@ -53,9 +53,10 @@ hold for every anchor. Which block an anchor lands in does not change its distri
 known in closed form before drawing, so each anchor's :math:`\rho_p` is known (``sqrt``: a lower
 bound, :math:`\sum_q \sqrt{s} \ge \sum_q s / \sqrt{\max_q g_p(q)}`) and the first round of a block
 is sized for its median anchor; the anchors still short (about half, each missing a few
-negatives) finish in a second, much smaller round. Each round's candidate range is cut into pieces that list only the rows still using
-them (:class:`CandidateBlocks` segments), so the loss scores each row up to its last accepted
-candidate. An anchor whose pool scores are all zero (up to the rounding of the vectors' norms) — all
+negatives) finish in a second, much smaller round. A row that needs a later round has used up the
+earlier ones, so each row needs the block's candidates up to the last one it accepted: the block's
+rows are then sorted by that position, and the candidate list is cut into pieces each scored for a
+prefix of the rows (:class:`CandidateBlocks` segments, views for the loss, no gathers). An anchor whose pool scores are all zero (up to the rounding of the vectors' norms) — all
 candidates look like the same instance — is not sampled from its envelope: it is reported
 (``zero_pool_anchors``) and gets uniform draws over the pool minus itself, counted as fallbacks,
 drawn as ``strategy="uniform"`` draws them (shared proposals thinned at ``uniform_acceptance``, in
@@ -77,7 +78,6 @@ expected loss.
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 
@@ -96,7 +96,8 @@ _Z_SCORE = 1.0  # a round proposes for need + z·sqrt(need) acceptances
 _FIRST_ROUND_QUANTILE = 0.5  # the first round is sized for about this fraction of a block's rows (the rest finish in a small second round)
 _MIXTURE_WEIGHTS = (0.5, 0.05, 0.1, 0.15, 0.2, 0.27, 0.35, 0.42, 0.58, 0.65, 0.72, 0.8, 0.87, 0.93)  # λ tried per block (0.5 first: the bounds above)
 _PLAN_QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)  # rows of a (sorted) block at which the λ are compared
-_SEGMENT_QUANTILES = torch.tensor([0.25, 0.5, 0.75, 0.9])  # where a round's candidates are cut for the loss
+_SEGMENT_POINTS = 33  # rows of a block whose extents are tried as segment cuts
+_SEGMENT_COST = 16384  # pairs one more segment costs the loss in call overhead (about 2 matrix products of 8k pairs)
 _EXPONENT = {"linear": 1.0, "squared": 2.0, "sqrt": 0.5}
 _STAT_ROWS = 8192  # rows per chunk of the float64 row sums: temporaries of a few MiB, reused (no page faults)
 
@@ -264,9 +265,11 @@ def _column_sum(rows: Tensor) -> Tensor:
 
 
 def _centered_rows(rows: Tensor, center: Tensor, work: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """``rows - c`` in ``work`` ``(N, E)``, and in float64 ``½(1 - ‖rows_i‖²)`` and ``‖rows_i - c‖²``, ``(N,)``."""
+    """``rows - c`` in ``work``, in the first ``E`` columns of an ``(N, E+2)`` buffer (the scoring
+    rows' layout, last two columns unset), and in float64 ``½(1 - ‖rows_i‖²)`` and ``‖rows_i - c‖²``, ``(N,)``."""
     count = rows.shape[0]
-    centered = torch.empty(rows.shape, dtype=work, device=rows.device)  # (N, E)
+    buffer = torch.empty(count, rows.shape[1] + 2, dtype=work, device=rows.device)  # (N, E+2)
+    centered = buffer[:, :-2]  # (N, E) view
     excess = torch.empty(count, dtype=torch.float64, device=rows.device)  # (N,)
     centered_sq = torch.empty(count, dtype=torch.float64, device=rows.device)  # (N,)
     center_work = center.to(work)
@@ -274,9 +277,9 @@ def _centered_rows(rows: Tensor, center: Tensor, work: torch.dtype) -> tuple[Ten
         stop = min(count, start + _STAT_ROWS)
         block = rows[start:stop]  # (n, E)
         torch.sub(block.to(work), center_work, out=centered[start:stop])
-        excess[start:stop] = 0.5 * (1.0 - block.to(torch.float64).square().sum(dim=1))
-        centered_sq[start:stop] = centered[start:stop].to(torch.float64).square().sum(dim=1)
-    return centered, excess, centered_sq
+        excess[start:stop] = 0.5 * (1.0 - torch.linalg.vector_norm(block, dim=1, dtype=torch.float64).square())
+        centered_sq[start:stop] = torch.linalg.vector_norm(centered[start:stop], dim=1, dtype=torch.float64).square()
+    return buffer, excess, centered_sq
 
 
 def _row_products(rows: Tensor, index: Tensor | None, vector: Tensor, matrix: Tensor | None = None) -> Tensor:
@@ -308,12 +311,14 @@ def _build_envelope(anchor_probs: Tensor | None, pool_probs: Tensor, score: str,
     wide = torch.float64
     pool_size = pool_probs.shape[0]
     center = _column_sum(pool_probs) / pool_size  # (E,) float64
-    centered_pool, pool_excess, pool_sq = _centered_rows(pool_probs, center, work)  # (M, E): d_q; b_q; ‖d_q‖²
+    pool_rows, pool_excess, pool_sq = _centered_rows(pool_probs, center, work)  # (M, E+2); b_q; ‖d_q‖²
+    centered_pool = pool_rows[:, :-2]  # (M, E) d_q
     if anchor_probs is None:
-        centered_anchors, anchor_rows_of = centered_pool, anchor_index  # u_p = d_{index(p)}
+        centered_anchors, anchor_rows_of, anchor_rows = centered_pool, anchor_index, None  # u_p = d_{index(p)}
         anchor_excess, anchor_sq = pool_excess[anchor_index], pool_sq[anchor_index]  # (A,)
     else:
-        centered_anchors, anchor_excess, anchor_sq = _centered_rows(anchor_probs, center, work)  # (A, E): u_p
+        anchor_rows, anchor_excess, anchor_sq = _centered_rows(anchor_probs, center, work)  # (A, E+2); a_p; ‖u_p‖²
+        centered_anchors = anchor_rows[:, :-2]  # (A, E) u_p
         anchor_rows_of = None
     alpha = 0.5 * anchor_sq + anchor_excess  # (A,)
     beta = 0.5 * pool_sq + pool_excess  # (M,)
@@ -331,8 +336,12 @@ def _build_envelope(anchor_probs: Tensor | None, pool_probs: Tensor, score: str,
             weighted_center += beta[start : start + _STAT_ROWS] @ block
         cross, quadratic = _row_products(centered_anchors, anchor_rows_of, pool_center_sum, second_moment)  # uᵀ(Σ d dᵀ)u
         weighted = _row_products(centered_anchors, anchor_rows_of, weighted_center)  # (A,) ⟨u_p, Σ β_q d_q⟩
-    else:
-        cross = _row_products(centered_anchors, anchor_rows_of, pool_center_sum)  # (A,) ⟨u_p, Σ d_q⟩
+    else:  # ⟨u_p, Σ d_q⟩ is a rounding-sized correction (Σ d_q ≈ 0): one product in the work dtype
+        center_sum_work = pool_center_sum.to(work)
+        if anchor_probs is None:
+            cross = torch.mv(centered_pool, center_sum_work).to(wide)[anchor_index]  # (A,)
+        else:
+            cross = torch.mv(centered_anchors, center_sum_work).to(wide)  # (A,)
     linear_sum = pool_size * alpha + beta.sum() - cross  # (A,) Σ_q s(p, q), exact identity
     # scores indistinguishable from the rounding of the norms (and of u, d) count as zero
     noise = pool_size * anchor_excess.abs() + pool_excess.abs().sum() + pool_size * 8 * torch.finfo(work).eps
@@ -348,14 +357,9 @@ def _build_envelope(anchor_probs: Tensor | None, pool_probs: Tensor, score: str,
     else:  # sqrt: Σ √s ≥ Σ s / √(max s), max s ≤ min(1, U_p + δ_max)
         score_sum = linear_sum.clamp_min(0.0) / (bound_offset + spread.max()).clamp(max=1.0).clamp_min(1e-300).sqrt()
 
-    pool_rows = torch.empty(pool_size, centered_pool.shape[1] + 2, dtype=work, device=centered_pool.device)  # (M, E+2)
-    pool_rows[:, :-2] = centered_pool
     pool_rows[:, -2] = -beta.to(work)
     pool_rows[:, -1] = 1.0
-    anchor_rows = None
-    if anchor_probs is not None:
-        anchor_rows = torch.empty(centered_anchors.shape[0], pool_rows.shape[1], dtype=work, device=pool_rows.device)
-        anchor_rows[:, :-2] = centered_anchors
+    if anchor_rows is not None:
         anchor_rows[:, -2] = 1.0
         anchor_rows[:, -1] = -alpha.to(work)
     weight_cdf = spread.pow(exponent).cumsum(dim=0)  # (M,)
@@ -393,27 +397,38 @@ def _round_size(need: Tensor, acceptance: Tensor) -> Tensor:
     return ((need + _Z_SCORE * need.sqrt() + 1.0) / acceptance).ceil()
 
 
-def _round_segments(
-    columns: Tensor, pending: Tensor, whole_block: bool, offset: int, count: int, num_negatives: int
-) -> list[tuple[Tensor | None, int, int]]:
-    """Segments of one round's candidates ``[offset, offset + count)``: each row up to the last one it uses.
+def _prefix_segments(extent: Tensor, num_candidates: int) -> list[tuple[slice | None, int, int]]:
+    r"""Segments ``(rows, lo, hi)`` of a block whose rows are sorted by ``extent`` (last used column), descending.
 
-    A row stops using the round's candidates after its last accepted one, so the range is cut at
-    quantiles of the rows' last used position and each later piece lists only the rows that reach
-    it: the loss then scores about ``Σ_rows (last used + 1)`` pairs instead of ``rows × count``.
+    Row ``i`` needs the scores of candidates ``[0, e_i]``, so the rows that need candidates
+    ``[lo, hi)`` are a prefix ``0:k(lo)`` with :math:`k(x) = \#\{i : e_i \ge x\}`. The cuts
+    :math:`0 = x_0 < \dots < x_S = m` minimise :math:`\sum_s k(x_s)(x_{s+1} - x_s)` (pairs scored)
+    plus :data:`_SEGMENT_COST` pairs per segment, over cuts at the extents of
+    :data:`_SEGMENT_POINTS` evenly spaced rows (a dynamic program over those points).
     """
-    chosen = columns[:, 1 : num_negatives + 1] if whole_block else columns[pending, 1 : num_negatives + 1]  # (p, R)
-    last_used = chosen.amax(dim=1) - offset  # (p,) < 0: the row took nothing from this round
-    first_rows = None if whole_block else pending
-    if pending.numel() < 8:
-        return [(first_rows, offset, offset + count)]
-    cuts = sorted({int(q) + 1 for q in last_used.float().quantile(_SEGMENT_QUANTILES.to(last_used.device)).tolist() if 0 <= q < count - 1})
-    bounds = [0, *cuts, count]
-    segments: list[tuple[Tensor | None, int, int]] = [(first_rows, offset, offset + bounds[1])]
-    for lo, hi in itertools.pairwise(bounds[1:]):
-        rows = pending[last_used >= lo]  # (p',) local rows that use a candidate at or after lo
-        if rows.numel() > 0:
-            segments.append((rows, offset + lo, offset + hi))
+    rows = extent.numel()
+    if rows == 0 or num_candidates == 0:
+        return [(None, 0, num_candidates)]
+    sample = torch.linspace(0, rows - 1, min(rows, _SEGMENT_POINTS)).round().long()  # row positions
+    points = sorted({0, num_candidates} | {int(x) + 1 for x in extent[sample].tolist() if 0 <= int(x) + 1 < num_candidates})
+    ascending = extent.flip(0)  # (c,) ascending, for counting rows with e >= x
+    starts = torch.tensor(points[:-1], dtype=extent.dtype, device=extent.device)
+    reach = (rows - torch.searchsorted(ascending, starts, right=False)).tolist()  # k(x) for every point but m
+    # best[j]: cheapest cover of [0, points[j]); a segment [points[i], points[j]) scores reach[i] rows
+    best, back = [0.0] + [math.inf] * (len(points) - 1), [0] * len(points)
+    for j in range(1, len(points)):
+        for i in range(j):
+            cost = best[i] + reach[i] * (points[j] - points[i]) + _SEGMENT_COST
+            if cost < best[j]:
+                best[j], back[j] = cost, i
+    cuts, j = [], len(points) - 1
+    while j > 0:
+        cuts.append((back[j], j))
+        j = back[j]
+    segments: list[tuple[slice | None, int, int]] = []
+    for i, j in reversed(cuts):
+        if reach[i] > 0:
+            segments.append((None if reach[i] == rows else slice(0, reach[i]), points[i], points[j]))
     return segments
 
 
@@ -710,6 +725,7 @@ class InstanceAwareSampler:
                 pending_of_block[block] = torch.arange(rows.numel(), device=device)
                 plans[block] = self._plan_blocks(None, [rows], [])[0]
         starts, block_candidates, block_columns, block_segments = [], [], [], []
+        row_order = torch.empty(num_anchors, dtype=torch.long, device=device)  # (A,) the anchor of each block row
         proposals = accepted = max_rounds_used = fallbacks = fallback_anchors = 0
         min_acceptance = math.inf
         for (start, stop), rows, pending, plan, uniform_rows in zip(
@@ -722,7 +738,6 @@ class InstanceAwareSampler:
             columns = torch.full((size, num_negatives + 2), -1, dtype=torch.long, device=device)  # (c, R + 2)
             filled = torch.zeros(size, dtype=torch.int32, device=device)  # (c,)
             candidate_parts: list[Tensor] = []
-            segments: list[tuple[Tensor | None, int, int]] = []
             offset = rounds = 0
             mixture, row_block = 0.0, None
             if pending.numel() > 0:
@@ -770,12 +785,11 @@ class InstanceAwareSampler:
                     columns[pending] = columns[pending].scatter_(1, slot.long(), values)
                 filled[pending] = (already + counts).clamp_(max=num_negatives)
                 candidate_parts.append(candidates)
-                segments.extend(_round_segments(columns, pending, whole_block, offset, num_candidates, num_negatives))
                 offset += num_candidates
                 proposals += accept.numel()
                 accepted += int(counts.sum())
                 pending = pending[filled[pending] < num_negatives]
-            columns = columns[:, 1 : num_negatives + 1].contiguous()  # (c, R): drop the spare columns
+            columns = columns[:, 1 : num_negatives + 1]  # (c, R): drop the spare columns
             if uniform_rows:  # zero-pool rows count as fallbacks, R slots each, however they were drawn
                 fallbacks += int(filled.sum())
                 fallback_anchors += size
@@ -788,16 +802,20 @@ class InstanceAwareSampler:
                 block_rows[short] = offset + torch.arange(count, device=device)
                 columns[short_rows] = block_rows
                 candidate_parts.append(fallback[short])
-                segments.append((None if short_rows.numel() == size else short_rows, offset, offset + count))
+                offset += count
                 fallbacks += count
                 fallback_anchors += 0 if uniform_rows else int(short_rows.numel())
+            # rows sorted by the last candidate they use: the rows that need a candidate are then a
+            # prefix of the block, so the loss scores each piece of the candidate list with a view
+            extent, by_extent = columns.amax(dim=1).sort(descending=True, stable=True)  # (c,), (c,)
+            row_order[start:stop] = rows[by_extent]
             starts.append(start)
             block_candidates.append(torch.cat(candidate_parts))
-            block_columns.append(columns.to(torch.int32))  # (c, R): half the memory of int64
-            block_segments.append(tuple(segments))
+            block_columns.append(columns[by_extent].to(torch.int32))  # (c, R): half the memory of int64
+            block_segments.append(tuple(_prefix_segments(extent, offset)))
             max_rounds_used = max(max_rounds_used, rounds)
         blocks = CandidateBlocks(
-            tuple(starts), tuple(block_candidates), tuple(block_columns), num_negatives, tuple(block_segments), order
+            tuple(starts), tuple(block_candidates), tuple(block_columns), num_negatives, tuple(block_segments), row_order
         )
         return NegativeSamples(
             blocks=blocks,

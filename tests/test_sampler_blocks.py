@@ -147,3 +147,31 @@ def test_rows_of_one_block_accept_a_shared_candidate_independently() -> None:
     pairs = ~torch.eye(num_anchors, dtype=torch.bool)
     independent = (rate[:, None] * rate[None, :])[pairs].mean()
     assert abs(float(shared[pairs].mean() / independent) - 1.0) < 0.05, (float(shared[pairs].mean()), float(independent))
+
+
+@pytest.mark.parametrize("segment_cost", [0, 50])
+@pytest.mark.parametrize("strategy", ["fusion", "uniform"])
+def test_segments_are_prefixes_that_cover_every_chosen_column(monkeypatch, strategy, segment_cost) -> None:
+    # rows of a block are sorted by the last candidate they use, so the rows that need a candidate are
+    # a prefix: every chosen (row, column) lies in a segment, and the segments score fewer pairs than
+    # the whole block (several rounds: max_proposals_per_slot=1)
+    monkeypatch.setattr(sampler_module, "_BLOCK_ELEMENTS", 2000)
+    monkeypatch.setattr(sampler_module, "_SEGMENT_COST", segment_cost)
+    pool = _probs(90, seed=3)
+    own = torch.arange(90)
+    sampler = InstanceAwareSampler(num_negatives=9, strategy=strategy, max_proposals_per_slot=1)
+    blocks = sampler(pool, pool, own, generator=torch.Generator().manual_seed(4)).blocks
+    whole = 0
+    for block, (candidates, columns) in enumerate(zip(blocks.candidates, blocks.columns, strict=True)):
+        extent = columns.long().amax(dim=1)  # (c,)
+        assert torch.equal(extent, extent.sort(descending=True).values)
+        covered = torch.zeros(columns.shape[0], candidates.numel(), dtype=torch.bool)
+        segments = blocks.block_segments(block)
+        assert [lo for _, lo, _ in segments] == [0] + [hi for _, _, hi in segments[:-1]]  # consecutive pieces
+        for rows, lo, hi in segments:
+            assert rows is None or (isinstance(rows, slice) and rows.start == 0)
+            covered[slice(None) if rows is None else rows, lo:hi] = True
+        assert bool(covered.gather(1, columns.long()).all())
+        whole += columns.shape[0] * candidates.numel()
+    if segment_cost == 0:
+        assert blocks.scored_pairs < whole

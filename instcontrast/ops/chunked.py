@@ -124,22 +124,24 @@ def sampled_logsumexp_chunked(
     return _SampledLogSumExp.apply(anchors, pool, negative_index, float(scale), int(block_size))
 
 
-def block_scores(block_anchors: Tensor, pool: Tensor, blocks: Any, block: int) -> Tensor:
+def block_scores(block_anchors: Tensor, pool: Tensor, blocks: Any, block: int, block_pool: Tensor | None = None) -> Tensor:
     """Dot products of one block's anchors with its candidates, ``(c, m)``, segment by segment.
 
-    Entries outside every segment (rows that never point into a later round's columns) are left
-    uninitialized: they are never read.
+    ``block_pool`` is ``pool[blocks.candidates[block]]`` if the caller has it. Entries outside every
+    segment (rows that never point into those columns) are left uninitialized: they are never read.
     """
-    candidates = blocks.candidates[block]
+    if block_pool is None:
+        block_pool = pool[blocks.candidates[block]]  # (m, D)
     segments = blocks.block_segments(block)
-    if len(segments) == 1 and segments[0][0] is None:
-        return block_anchors @ pool[candidates].T  # (c, m)
-    scores = block_anchors.new_empty(block_anchors.shape[0], candidates.numel())  # (c, m)
+    if len(segments) == 1 and segments[0][0] is None and segments[0][1] == 0:
+        return block_anchors @ block_pool.T  # (c, m)
+    scores = block_anchors.new_empty(block_anchors.shape[0], block_pool.shape[0])  # (c, m)
     for rows, lo, hi in segments:
-        if rows is None:
-            scores[:, lo:hi] = block_anchors @ pool[candidates[lo:hi]].T
-        else:
-            scores[rows, lo:hi] = block_anchors[rows] @ pool[candidates[lo:hi]].T
+        if isinstance(rows, Tensor):  # a row subset: gather and scatter
+            scores[rows, lo:hi] = block_anchors[rows] @ block_pool[lo:hi].T
+        else:  # every row or a prefix slice: write the view in place
+            rows = slice(None) if rows is None else rows
+            torch.mm(block_anchors[rows], block_pool[lo:hi].T, out=scores[rows, lo:hi])
     return scores
 
 
@@ -184,24 +186,33 @@ class _BlockedLogSumExp(torch.autograd.Function):
             block_rows = blocks.block_rows(block)  # the block's anchors: a slice, or (c,) with a row order
             block_anchors = anchors_acc[block_rows]  # (c, D)
             candidates = blocks.candidates[block]  # (m,)
-            chosen = block_scores(block_anchors, pool_acc, blocks, block).gather(1, block_columns) * scale  # (c, R)
+            block_pool = pool_acc[candidates]  # (m, D)
+            chosen = block_scores(block_anchors, pool_acc, blocks, block, block_pool).gather(1, block_columns) * scale  # (c, R)
             weights = torch.exp(chosen - lse[block_rows, None]) * (grad_lse[block_rows, None] * scale)  # (c, R)
             # d lse / d score[c, j] summed over the slots that chose column j (repeats add up)
             score_grad = torch.zeros(block_columns.shape[0], candidates.numel(), dtype=accumulate, device=anchors.device)
             score_grad.scatter_add_(1, block_columns, weights)  # (c, m)
+            anchor_grad = torch.zeros_like(block_anchors) if grad_anchors is not None else None  # (c, D)
+            candidate_grad = torch.zeros_like(block_pool) if grad_pool is not None else None  # (m, D)
             for rows, lo, hi in blocks.block_segments(block):
-                segment_pool = pool_acc[candidates[lo:hi]]  # (m_s, D)
-                if rows is None:
-                    segment_grad, segment_anchors = score_grad[:, lo:hi], block_anchors  # (c, m_s), (c, D)
-                else:
+                if isinstance(rows, Tensor):  # a row subset (distinct rows): gathered
                     segment_grad, segment_anchors = score_grad[rows, lo:hi], block_anchors[rows]  # (p, m_s), (p, D)
-                if grad_anchors is not None:
-                    if isinstance(block_rows, slice) and rows is None:
-                        grad_anchors[block_rows] += segment_grad @ segment_pool  # (c, D)
-                    else:  # distinct anchors: index_add_ adds each row once
-                        grad_anchors.index_add_(0, blocks.anchor_rows(block, rows), segment_grad @ segment_pool)  # (p, D)
-                if grad_pool is not None:
-                    grad_pool.index_add_(0, candidates[lo:hi], segment_grad.T @ segment_anchors)  # (m_s, D)
+                    if anchor_grad is not None:
+                        anchor_grad.index_add_(0, rows, segment_grad @ block_pool[lo:hi])
+                else:  # every row or a prefix slice: views
+                    rows = slice(None) if rows is None else rows
+                    segment_grad, segment_anchors = score_grad[rows, lo:hi], block_anchors[rows]  # (p, m_s), (p, D)
+                    if anchor_grad is not None:
+                        anchor_grad[rows].addmm_(segment_grad, block_pool[lo:hi])
+                if candidate_grad is not None:
+                    candidate_grad[lo:hi].addmm_(segment_grad.T, segment_anchors)  # (m_s, D)
+            if grad_anchors is not None:
+                if isinstance(block_rows, slice):
+                    grad_anchors[block_rows] += anchor_grad
+                else:  # distinct anchors: index_add_ adds each row once
+                    grad_anchors.index_add_(0, block_rows, anchor_grad)
+            if grad_pool is not None:
+                grad_pool.index_add_(0, candidates, candidate_grad)  # repeated candidates add up
         if grad_anchors is not None:
             grad_anchors = grad_anchors.to(anchors.dtype)
         if grad_pool is not None:
