@@ -157,13 +157,20 @@ class _BlockedLogSumExp(torch.autograd.Function):
         pool_acc = pool.to(accumulate)  # (M, D)
         lse = torch.empty(anchors.shape[0], dtype=accumulate, device=anchors.device)  # (A,)
         negative_sum = torch.zeros((), dtype=accumulate, device=anchors.device)  # Σ_a Σ_r <x_a, m_{i_ar}>
+        keep_softmax = any(ctx.needs_input_grad[:2])
+        softmax_of_block = []
         for block, block_columns in enumerate(blocks.columns):
             rows = blocks.block_rows(block)  # the block's anchors: a slice, or (c,) with a row order
             scores = block_scores(anchors_acc[rows], pool_acc, blocks, block)  # (c, m)
             chosen = scores.gather(1, block_columns.long())  # (c, R) the negatives' dot products
             negative_sum += chosen.sum()
-            lse[rows] = torch.logsumexp(chosen * scale, dim=1)
-        ctx.save_for_backward(anchors, pool, lse)
+            logits = chosen.mul_(scale)  # (c, R)
+            block_lse = torch.logsumexp(logits, dim=1)  # (c,)
+            lse[rows] = block_lse
+            if keep_softmax:  # d lse / d logit: what backward needs, so it never scores the block again
+                softmax_of_block.append(logits.sub_(block_lse[:, None]).exp_())  # (c, R)
+        ctx.save_for_backward(anchors, pool)
+        ctx.softmax_of_block = tuple(softmax_of_block)  # Σ_b c_b·R = A·R values, like the negatives' index
         ctx.scale = scale
         ctx.blocks = blocks  # index tensors only: nothing here requires grad
         ctx.mark_non_differentiable(negative_sum)
@@ -172,40 +179,38 @@ class _BlockedLogSumExp(torch.autograd.Function):
     @staticmethod
     @without_autocast(1)
     def backward(ctx, grad_lse: Tensor, _grad_negative_sum: Tensor | None):
-        anchors, pool, lse = ctx.saved_tensors
+        anchors, pool = ctx.saved_tensors
         blocks, scale = ctx.blocks, ctx.scale
-        accumulate = lse.dtype
-        anchors_acc = anchors.to(accumulate)
-        pool_acc = pool.to(accumulate)
-        grad_lse = grad_lse.to(accumulate)
+        accumulate = accumulation_dtype(anchors.dtype, pool.dtype)
         need_anchor_grad, need_pool_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_anchors = torch.zeros_like(anchors_acc) if need_anchor_grad else None  # (A, D)
-        grad_pool = torch.zeros_like(pool_acc) if need_pool_grad else None  # (M, D)
+        anchors_acc = anchors.to(accumulate) if need_pool_grad else None
+        pool_acc = pool.to(accumulate) if need_anchor_grad else None
+        grad_lse = grad_lse.to(accumulate)
+        grad_anchors = torch.zeros(anchors.shape, dtype=accumulate, device=anchors.device) if need_anchor_grad else None  # (A, D)
+        grad_pool = torch.zeros(pool.shape, dtype=accumulate, device=pool.device) if need_pool_grad else None  # (M, D)
         for block, block_columns in enumerate(blocks.columns):
-            block_columns = block_columns.long()  # (c, R) gather/scatter indices (stored as int32)
+            block_columns = block_columns.long()  # (c, R) scatter indices (stored as int32)
             block_rows = blocks.block_rows(block)  # the block's anchors: a slice, or (c,) with a row order
-            block_anchors = anchors_acc[block_rows]  # (c, D)
             candidates = blocks.candidates[block]  # (m,)
-            block_pool = pool_acc[candidates]  # (m, D)
-            chosen = block_scores(block_anchors, pool_acc, blocks, block, block_pool).gather(1, block_columns) * scale  # (c, R)
-            weights = torch.exp(chosen - lse[block_rows, None]) * (grad_lse[block_rows, None] * scale)  # (c, R)
+            weights = ctx.softmax_of_block[block] * (grad_lse[block_rows, None] * scale)  # (c, R)
             # d lse / d score[c, j] summed over the slots that chose column j (repeats add up)
             score_grad = torch.zeros(block_columns.shape[0], candidates.numel(), dtype=accumulate, device=anchors.device)
             score_grad.scatter_add_(1, block_columns, weights)  # (c, m)
-            anchor_grad = torch.zeros_like(block_anchors) if grad_anchors is not None else None  # (c, D)
-            candidate_grad = torch.zeros_like(block_pool) if grad_pool is not None else None  # (m, D)
+            block_pool = pool_acc[candidates] if pool_acc is not None else None  # (m, D)
+            block_anchors = anchors_acc[block_rows] if anchors_acc is not None else None  # (c, D)
+            anchor_grad = torch.zeros(block_columns.shape[0], anchors.shape[1], dtype=accumulate, device=anchors.device) if need_anchor_grad else None  # (c, D)
+            candidate_grad = torch.zeros(candidates.numel(), pool.shape[1], dtype=accumulate, device=pool.device) if need_pool_grad else None  # (m, D)
             for rows, lo, hi in blocks.block_segments(block):
-                if isinstance(rows, Tensor):  # a row subset (distinct rows): gathered
-                    segment_grad, segment_anchors = score_grad[rows, lo:hi], block_anchors[rows]  # (p, m_s), (p, D)
-                    if anchor_grad is not None:
+                gathered = isinstance(rows, Tensor)  # a row subset (distinct rows), else every row or a prefix slice
+                rows = slice(None) if rows is None else rows
+                segment_grad = score_grad[rows, lo:hi]  # (p, m_s): a view unless gathered
+                if anchor_grad is not None:
+                    if gathered:
                         anchor_grad.index_add_(0, rows, segment_grad @ block_pool[lo:hi])
-                else:  # every row or a prefix slice: views
-                    rows = slice(None) if rows is None else rows
-                    segment_grad, segment_anchors = score_grad[rows, lo:hi], block_anchors[rows]  # (p, m_s), (p, D)
-                    if anchor_grad is not None:
-                        anchor_grad[rows].addmm_(segment_grad, block_pool[lo:hi])
+                    else:
+                        anchor_grad[rows].addmm_(segment_grad, block_pool[lo:hi])  # (p, D)
                 if candidate_grad is not None:
-                    candidate_grad[lo:hi].addmm_(segment_grad.T, segment_anchors)  # (m_s, D)
+                    candidate_grad[lo:hi].addmm_(segment_grad.T, block_anchors[rows])  # (m_s, D)
             if grad_anchors is not None:
                 if isinstance(block_rows, slice):
                     grad_anchors[block_rows] += anchor_grad
@@ -227,8 +232,9 @@ def sampled_logsumexp_blocked(anchors: Tensor, pool: Tensor, blocks, scale: floa
     (:math:`m_b \times D`), it forms the block's scores :math:`S_b = X_b P_b^\top` and gathers each
     anchor's ``R`` chosen columns. Backward scatters the softmax weights into an
     :math:`(c_b, m_b)` matrix :math:`G_b` and uses :math:`G_b P_b` and :math:`G_b^\top X_b` — matrix
-    products instead of gathering :math:`c_b R` rows of width ``D``. Only the candidate lists,
-    the columns and the per-anchor log-sum-exp are saved; scores are recomputed in backward.
+    products instead of gathering :math:`c_b R` rows of width ``D``. Forward keeps the chosen
+    negatives' softmax weights (``A·R`` values, the size of the negatives' index), so backward needs
+    no scoring product; no ``(c_b, m_b)`` matrix outlives its block.
 
     Args:
         anchors: anchor embeddings.
