@@ -44,8 +44,17 @@ def _check_tensor(name: str, value: Any) -> Tensor:
 
 
 def check_finite(name: str, value: Tensor) -> None:
-    """Raise ``ValueError`` if a floating tensor holds NaN or Inf."""
-    if value.is_floating_point() and value.numel() > 0 and not bool(torch.isfinite(value).all()):
+    """Raise ``ValueError`` if a floating tensor holds NaN or Inf.
+
+    A NaN or Inf anywhere makes the sum non-finite, so one reduction clears the usual case; only a
+    non-finite sum (a bad entry, or finite entries whose sum overflows) runs the entry-wise test.
+    """
+    if not value.is_floating_point() or value.numel() == 0:
+        return
+    value = value.detach()
+    if bool(torch.isfinite(value.sum())):
+        return
+    if not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name} contains NaN or Inf; the contrastive loss needs finite inputs")
 
 

@@ -260,13 +260,15 @@ def _info_nce_terms(
     if anchors.shape[0] == 0:
         loss = _reduce(anchors_n.sum(dim=1) + positives.sum(dim=1) * 0 + pool.sum() * 0, reduction)
         return loss, anchors_n.new_zeros(0), None
-    positive_cos = (anchors_n * _normalized(positives)).sum(dim=-1)  # (A,)
+    positives_n = _normalized(positives)  # (A, D)
+    pool_n = positives_n if pool is positives else _normalized(pool)  # (M, D): often the same strong-view rows
+    positive_cos = (anchors_n * positives_n).sum(dim=-1)  # (A,)
     resolved = _resolve(backend)
     negative_sum = None
     if not isinstance(negatives, Tensor) and resolved.uses_blocks(anchors):
-        negative_lse, negative_sum = blocked_logsumexp_and_negative_sum(anchors_n, _normalized(pool), negatives, scale)  # (A,), ()
+        negative_lse, negative_sum = blocked_logsumexp_and_negative_sum(anchors_n, pool_n, negatives, scale)  # (A,), ()
     else:
-        negative_lse = resolved.op_for(anchors)(anchors_n, _normalized(pool), _as_index(negatives), scale)  # (A,)
+        negative_lse = resolved.op_for(anchors)(anchors_n, pool_n, _as_index(negatives), scale)  # (A,)
     per_anchor = F.softplus(negative_lse - positive_cos * scale)  # (A,)
     return _reduce(per_anchor, reduction), positive_cos.detach(), negative_sum
 

@@ -199,3 +199,17 @@ def test_fused_probability_is_differentiable_and_equals_the_normalized_concatena
     assert mask_logits.grad is not None and class_logits.grad is not None
     with torch.no_grad():
         torch.testing.assert_close(fused_probability(mask_logits, class_logits), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_check_finite_accepts_finite_values_whose_sum_overflows_and_rejects_any_nan_or_inf(dtype) -> None:
+    from instcontrast._checks import check_finite
+
+    big = torch.full((64,), torch.finfo(dtype).max / 4, dtype=dtype)  # every entry finite, the sum is not
+    assert not bool(torch.isfinite(big.sum()))
+    check_finite("big", big)  # the entry-wise test decides
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        value = torch.zeros(5, 3, dtype=dtype)
+        value[4, 2] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            check_finite("value", value)
