@@ -23,6 +23,8 @@ Defined cases:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -30,14 +32,16 @@ __all__ = ["l2_normalize"]
 
 
 class _L2Normalize(torch.autograd.Function):
+    # every (..., D) temporary is written in place into one buffer per pass: at the paper's scale a
+    # (65,536 × 128) float32 tensor is 32 MiB, which glibc maps fresh (page faults) on each allocation
     @staticmethod
     def forward(ctx, x: Tensor, accumulate: torch.dtype):
         work = x.to(accumulate)  # (..., D)
-        scale = work.abs().amax(dim=-1, keepdim=True)  # (..., 1) largest |entry| of each vector
+        scale = torch.linalg.vector_norm(work, ord=math.inf, dim=-1, keepdim=True)  # (..., 1) largest |entry|
         nonzero = scale > 0  # (..., 1)
-        scaled = work / torch.where(nonzero, scale, torch.ones_like(scale))  # (..., D) entries in [-1, 1]
-        norm = torch.linalg.vector_norm(scaled, dim=-1, keepdim=True)  # (..., 1) in [1, sqrt(D)], 0 for zero rows
-        unit = scaled / torch.where(nonzero, norm, torch.ones_like(norm))  # (..., D) zero rows stay zero
+        unit = work / torch.where(nonzero, scale, torch.ones_like(scale))  # (..., D) entries in [-1, 1]
+        norm = torch.linalg.vector_norm(unit, dim=-1, keepdim=True)  # (..., 1) in [1, sqrt(D)], 0 for zero rows
+        unit.div_(torch.where(nonzero, norm, torch.ones_like(norm)))  # (..., D) zero rows stay zero
         ctx.save_for_backward(unit, scale, norm)
         ctx.input_dtype = x.dtype
         return unit
@@ -48,16 +52,17 @@ class _L2Normalize(torch.autograd.Function):
         grad_unit = grad_unit.to(unit.dtype)
         nonzero = scale > 0  # (..., 1)
         # remove the radial part, divide by the scaled norm (>= 1): still bounded by |g|
-        tangent = grad_unit - unit * (grad_unit * unit).sum(dim=-1, keepdim=True)  # (..., D)
-        tangent = tangent / torch.where(nonzero, norm, torch.ones_like(norm))  # (..., D)
+        radial = torch.linalg.vecdot(grad_unit, unit, dim=-1).unsqueeze(-1)  # (..., 1) <g, x̂>
+        tangent = torch.addcmul(grad_unit, unit, radial, value=-1.0)  # (..., D)
+        tangent.div_(torch.where(nonzero, norm, torch.ones_like(norm)))
         # the gradient is tangent / s; write it as direction · magnitude so the magnitude can be
         # capped at the input dtype's largest finite value instead of overflowing
-        peak = tangent.abs().amax(dim=-1, keepdim=True)  # (..., 1)
+        peak = torch.linalg.vector_norm(tangent, ord=math.inf, dim=-1, keepdim=True)  # (..., 1)
         live = nonzero & (peak > 0)  # (..., 1)
-        direction = tangent / torch.where(live, peak, torch.ones_like(peak))  # (..., D) max-abs 1
+        tangent.div_(torch.where(live, peak, torch.ones_like(peak)))  # (..., D) direction, max-abs 1
         magnitude = peak / torch.where(live, scale, torch.ones_like(scale))  # (..., 1) may be inf
         magnitude = magnitude.clamp(max=torch.finfo(ctx.input_dtype).max)
-        grad_x = torch.where(live, direction * magnitude, torch.zeros_like(direction))  # (..., D)
+        grad_x = tangent.mul_(magnitude).masked_fill_(~live, 0.0)  # (..., D)
         return grad_x.to(ctx.input_dtype), None
 
 
