@@ -19,6 +19,7 @@ from ._checks import check_choice, check_positive, check_predictions
 from ._types import SCORES, STRATEGIES, CandidateBlocks
 from .ops.chunked import accumulation_dtype, block_scores, blocked_logsumexp_and_negative_sum, default_block_size
 from .ops.normalize import l2_normalize
+from .ops.rows import row_dot
 
 __all__ = [
     "REDUCTIONS",
@@ -262,7 +263,7 @@ def _info_nce_terms(
         return loss, anchors_n.new_zeros(0), None
     positives_n = _normalized(positives)  # (A, D)
     pool_n = positives_n if pool is positives else _normalized(pool)  # (M, D): often the same strong-view rows
-    positive_cos = (anchors_n * positives_n).sum(dim=-1)  # (A,)
+    positive_cos = row_dot(anchors_n, positives_n)  # (A,)
     resolved = _resolve(backend)
     negative_sum = None
     if not isinstance(negatives, Tensor) and resolved.uses_blocks(anchors):

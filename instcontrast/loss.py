@@ -33,6 +33,7 @@ from .functional import (
     positive_similarity,
 )
 from .memory_bank import PixelMemoryBank
+from .ops.rows import pixel_rows
 from .sampler import InstanceAwareSampler, NegativeSamples
 
 __all__ = ["ANCHOR_MEANS", "LOSSES", "ContrastOutput", "ContrastStats", "InstanceAwarePixelContrast"]
@@ -299,9 +300,8 @@ class InstanceAwarePixelContrast(nn.Module):
                 ).reshape(batch * height * width, -1)  # (B·N, E)
         valid_flat = check_valid_mask(valid, batch, height, width, device).reshape(-1)  # (B·N,)
 
-        z_weak_flat = z_weak.permute(0, 2, 3, 1).reshape(-1, dim)  # (B·N, D)
-        strong = z_strong.detach() if self.detach_strong else z_strong
-        z_strong_flat = strong.permute(0, 2, 3, 1).reshape(-1, dim)  # (B·N, D)
+        z_weak_flat = pixel_rows(z_weak)  # (B·N, D)
+        z_strong_flat = pixel_rows(z_strong.detach() if self.detach_strong else z_strong)  # (B·N, D)
 
         local_pool = valid_flat.nonzero(as_tuple=True)[0]  # (M_local,) flat positions of valid pixels
         anchor_in_local = self._choose_anchors(local_pool.numel(), device, generator)  # (A,)
