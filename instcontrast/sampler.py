@@ -257,10 +257,14 @@ def _row_chunks(count: int) -> range:
 
 
 def _column_sum(rows: Tensor) -> Tensor:
-    """``Σ_i rows_i`` in float64, ``(E,)``, chunk by chunk (no full-size float64 copy)."""
+    """``Σ_i rows_i``, ``(E,)`` float64: each chunk of rows summed in its own dtype, the chunks in float64.
+
+    Only the centre ``c`` and the rounding-sized ``Σ_q d_q`` come from it, and the score-sum identity
+    holds for any ``c``, so a float32 chunk sum (no float64 copy) is accurate enough.
+    """
     total = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)
     for start in _row_chunks(rows.shape[0]):
-        total += rows[start : start + _STAT_ROWS].to(torch.float64).sum(dim=0)
+        total += rows[start : start + _STAT_ROWS].sum(dim=0).to(torch.float64)
     return total
 
 
@@ -658,7 +662,7 @@ class InstanceAwareSampler:
             accept = coins < self.uniform_acceptance  # (c, m)
         else:
             column_scale = envelope.proposal_density(candidates, mixture).pow(-1.0 / envelope.exponent)  # (m,)
-            columns = envelope.pool_rows[candidates] * column_scale.to(envelope.pool_rows.dtype)[:, None]  # (m, E+2)
+            columns = torch.index_select(envelope.pool_rows, 0, candidates).mul_(column_scale.to(envelope.pool_rows.dtype)[:, None])  # (m, E+2)
             accept = torch.addmm(coins, row_block, columns.T, out=scores) < 0  # (c, m): u^{1/k} < s (C_p h_q)^{-1/k}
         # the anchor itself has s = 0: find candidates equal to one of these rows' own pool entry
         own_sorted, own_order = torch.sort(own)  # (c,)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .._amp import without_autocast
+from .rows import take_rows
 
 __all__ = [
     "accumulation_dtype",
@@ -131,7 +132,7 @@ def block_scores(block_anchors: Tensor, pool: Tensor, blocks: Any, block: int, b
     segment (rows that never point into those columns) are left uninitialized: they are never read.
     """
     if block_pool is None:
-        block_pool = pool[blocks.candidates[block]]  # (m, D)
+        block_pool = take_rows(pool, blocks.candidates[block])  # (m, D)
     segments = blocks.block_segments(block)
     if len(segments) == 1 and segments[0][0] is None and segments[0][1] == 0:
         return block_anchors @ block_pool.T  # (c, m)
@@ -161,7 +162,7 @@ class _BlockedLogSumExp(torch.autograd.Function):
         softmax_of_block = []
         for block, block_columns in enumerate(blocks.columns):
             rows = blocks.block_rows(block)  # the block's anchors: a slice, or (c,) with a row order
-            scores = block_scores(anchors_acc[rows], pool_acc, blocks, block)  # (c, m)
+            scores = block_scores(take_rows(anchors_acc, rows), pool_acc, blocks, block)  # (c, m)
             chosen = scores.gather(1, block_columns.long())  # (c, R) the negatives' dot products
             negative_sum += chosen.sum()
             logits = chosen.mul_(scale)  # (c, R)
@@ -196,8 +197,8 @@ class _BlockedLogSumExp(torch.autograd.Function):
             # d lse / d score[c, j] summed over the slots that chose column j (repeats add up)
             score_grad = torch.zeros(block_columns.shape[0], candidates.numel(), dtype=accumulate, device=anchors.device)
             score_grad.scatter_add_(1, block_columns, weights)  # (c, m)
-            block_pool = pool_acc[candidates] if pool_acc is not None else None  # (m, D)
-            block_anchors = anchors_acc[block_rows] if anchors_acc is not None else None  # (c, D)
+            block_pool = take_rows(pool_acc, candidates) if pool_acc is not None else None  # (m, D)
+            block_anchors = take_rows(anchors_acc, block_rows) if anchors_acc is not None else None  # (c, D)
             anchor_grad = torch.zeros(block_columns.shape[0], anchors.shape[1], dtype=accumulate, device=anchors.device) if need_anchor_grad else None  # (c, D)
             candidate_grad = torch.zeros(candidates.numel(), pool.shape[1], dtype=accumulate, device=pool.device) if need_pool_grad else None  # (m, D)
             for rows, lo, hi in blocks.block_segments(block):
