@@ -86,12 +86,13 @@ def flop_counts(shape: Shape, geometry: SampleGeometry, pool_grad: bool) -> dict
       ``2·E`` each (``E = K+C+1``); softmaxes, comparisons and random numbers are not counted;
     - forward: the negative dots ``2·A·R·D``, the positive dots ``2·A·D`` and three ℓ2
       normalizations (anchors, positives, pool) at ``3·D`` per row;
-    - backward: recomputing the dots ``2·A·R·D``, the anchor gradient ``2·A·R·D``, the
-      normalization and positive-dot backward ``≈ 6·A·D``; plus the pool-gradient scatter
-      ``2·A·R·D`` when the pool needs a gradient (``detach_strong=False``; not the default).
+    - backward: the anchor gradient ``2·A·R·D`` (forward keeps the negatives' softmax weights, so
+      nothing is scored again), the normalization and positive-dot backward ``≈ 6·A·D``; plus the
+      pool-gradient scatter ``2·A·R·D`` when the pool needs a gradient (``detach_strong=False``;
+      not the default).
 
-    Executed differs on the blocked path, which scores every (anchor, candidate) pair of its block
-    with a matrix product: ``2·D·Σ c_b·m_b`` forward, twice that backward (+ once more for the pool
+    Executed differs on the blocked path, which multiplies every (anchor, candidate) pair of a
+    block's segments: ``2·D·Σ pairs`` forward, as much backward (+ once more for the pool
     gradient) — more FLOPs than essential, but dense ones.
 
     Args:
@@ -108,11 +109,11 @@ def flop_counts(shape: Shape, geometry: SampleGeometry, pool_grad: bool) -> dict
     forward_extra = 2.0 * anchors * shape.dim + 3.0 * shape.dim * (2 * anchors + pool)
     backward_extra = 6.0 * anchors * shape.dim
     forward = dots + forward_extra
-    backward = 2.0 * dots + backward_extra + (dots if pool_grad else 0.0)
+    backward = dots + backward_extra + (dots if pool_grad else 0.0)
     if geometry.blocked and geometry.dense_pairs is not None:
         block_dots = 2.0 * shape.dim * geometry.dense_pairs
         forward_executed = block_dots + forward_extra
-        backward_executed = 2.0 * block_dots + backward_extra + (block_dots if pool_grad else 0.0)
+        backward_executed = block_dots + backward_extra + (block_dots if pool_grad else 0.0)
     else:
         forward_executed, backward_executed = forward, backward
     return {
