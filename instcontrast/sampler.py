@@ -436,6 +436,26 @@ def _prefix_segments(extent: Tensor, num_candidates: int) -> list[tuple[slice | 
     return segments
 
 
+class _Workspace:
+    """Flat buffers reused by every round of a call, viewed at each round's shape.
+
+    A round's ``(rows, candidates)`` matrices (scores, acceptances, ranks, scatter indices) change
+    shape from round to round; allocating them afresh made the allocator hand out new pages (page
+    faults) more often than it reused old ones. One buffer per role, grown when too small, avoids that.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.buffers: dict[str, Tensor] = {}
+
+    def view(self, role: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        size = math.prod(shape)
+        buffer = self.buffers.get(role)
+        if buffer is None or buffer.numel() < size or buffer.dtype != dtype:
+            buffer = self.buffers[role] = torch.empty(size, dtype=dtype, device=self.device)
+        return buffer[:size].view(shape)
+
+
 class InstanceAwareSampler:
     r"""Draw ``R`` negatives per anchor with probability proportional to the debias score.
 
@@ -633,6 +653,7 @@ class InstanceAwareSampler:
         candidates: Tensor,
         mixture: float,
         scores: Tensor,
+        accept: Tensor,
         generator: torch.Generator | None,
     ) -> Tensor:
         r"""One coin per (anchor row, candidate), ``(c, m)`` bool: ``True`` with probability ``s^k / (C_p h(q))``.
@@ -649,7 +670,7 @@ class InstanceAwareSampler:
         :math:`u^{1/k} - s\,(C_p h_q)^{-1/k} < 0` (both sides non-negative), and
         :math:`-s\,(C_p h_q)^{-1/k}` is one matrix product of ``row_block`` — the rows'
         ``[u_p, 1, -α_p]·C_p^{-1/k}`` — with ``[d_q, -β_q, 1]·h_q^{-1/k}``, added onto the
-        transformed coins in ``scores``, a ``(c, m)`` buffer.
+        transformed coins in ``scores``, a ``(c, m)`` buffer; the result is written into ``accept``.
         """
         num_rows, num_candidates = own.numel(), candidates.numel()
         shared = torch.rand(num_rows + num_candidates - 1, generator=generator, device=own.device, dtype=scores.dtype)
@@ -659,11 +680,11 @@ class InstanceAwareSampler:
             shared.square_()
         coins = shared.as_strided((num_rows, num_candidates), (1, 1))  # (c, m): coins[i, j] = shared[i + j]
         if envelope is None:
-            accept = coins < self.uniform_acceptance  # (c, m)
+            torch.lt(coins, self.uniform_acceptance, out=accept)  # (c, m)
         else:
             column_scale = envelope.proposal_density(candidates, mixture).pow(-1.0 / envelope.exponent)  # (m,)
             columns = torch.index_select(envelope.pool_rows, 0, candidates).mul_(column_scale.to(envelope.pool_rows.dtype)[:, None])  # (m, E+2)
-            accept = torch.addmm(coins, row_block, columns.T, out=scores) < 0  # (c, m): u^{1/k} < s (C_p h_q)^{-1/k}
+            torch.lt(torch.addmm(coins, row_block, columns.T, out=scores), 0, out=accept)  # (c, m): u^{1/k} < s (C_p h_q)^{-1/k}
         # the anchor itself has s = 0: find candidates equal to one of these rows' own pool entry
         own_sorted, own_order = torch.sort(own)  # (c,)
         position = torch.searchsorted(own_sorted, candidates).clamp_(max=own.numel() - 1)  # (m,)
@@ -714,7 +735,7 @@ class InstanceAwareSampler:
                          for start in range(first_zero, num_anchors, zero_pool_rows_per_block)]
         zero_pool_block = [envelope is not None and start >= first_zero for start, _ in block_bounds]
         coin_dtype = envelope.pool_rows.dtype if envelope is not None else torch.float32
-        score_buffer = torch.empty(0, dtype=coin_dtype, device=device)  # reused by every round of the call
+        workspace = _Workspace(device)  # the rounds' (rows, candidates) matrices, reused
         row_buffer = torch.empty(0, 0, dtype=coin_dtype, device=device)  # the block's scaled anchor rows, reused
 
         rows_of_block = [everyone[start:stop] if order is None else order[start:stop] for start, stop in block_bounds]
@@ -739,7 +760,7 @@ class InstanceAwareSampler:
             block_envelope = None if uniform_rows else envelope  # None: uniform proposals and thinning
             own = anchor_pool_index[rows]  # (c,)
             # column 0 takes rejections, column R + 1 acceptances beyond a row's need: both dropped
-            columns = torch.full((size, num_negatives + 2), -1, dtype=torch.long, device=device)  # (c, R + 2)
+            columns = workspace.view("columns", (size, num_negatives + 2), torch.long).fill_(-1)  # (c, R + 2)
             filled = torch.zeros(size, dtype=torch.int32, device=device)  # (c,)
             candidate_parts: list[Tensor] = []
             offset = rounds = 0
@@ -769,24 +790,24 @@ class InstanceAwareSampler:
                 else:
                     candidates = envelope.propose(num_candidates, mixture, generator)  # (m,)
                 whole_block = pending.numel() == size
-                if score_buffer.numel() < pending.numel() * num_candidates:
-                    score_buffer = torch.empty(pending.numel() * num_candidates, dtype=coin_dtype, device=device)
-                scores = score_buffer[: pending.numel() * num_candidates].view(pending.numel(), num_candidates)  # (p, m)
+                shape = (pending.numel(), num_candidates)
                 accept = self._accept(
                     block_envelope, None if row_block is None else (row_block if whole_block else row_block[pending]),
-                    own[pending], candidates, mixture, scores, generator,
+                    own[pending], candidates, mixture, workspace.view("scores", shape, coin_dtype),
+                    workspace.view("accept", shape, torch.bool), generator,
                 )  # (p, m)  # fmt: skip
                 # a row's k-th acceptance is its k-th draw: slot = already filled + rank (1-based);
                 # rejections go to slot 0, acceptances beyond the row's need to slot R + 1
-                slot = accept.cumsum(dim=1, dtype=torch.int32)  # (p, m): 1-based rank of each acceptance in its row
+                slot = torch.cumsum(accept, dim=1, dtype=torch.int32, out=workspace.view("slot", shape, torch.int32))  # (p, m)
                 counts = slot[:, -1].clone()  # (p,) acceptances per row
                 already = filled[pending]  # (p,)
                 slot.add_(already[:, None]).mul_(accept).clamp_(max=num_negatives + 1)  # (p, m)
-                values = torch.arange(offset, offset + num_candidates, device=device).expand_as(slot)
+                index = workspace.view("index", shape, torch.long).copy_(slot)  # (p, m) scatter wants int64
+                values = torch.arange(offset, offset + num_candidates, device=device).expand(shape)
                 if whole_block:
-                    columns.scatter_(1, slot.long(), values)
+                    columns.scatter_(1, index, values)
                 else:
-                    columns[pending] = columns[pending].scatter_(1, slot.long(), values)
+                    columns[pending] = columns[pending].scatter_(1, index, values)
                 filled[pending] = (already + counts).clamp_(max=num_negatives)
                 candidate_parts.append(candidates)
                 offset += num_candidates
