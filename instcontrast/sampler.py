@@ -437,11 +437,14 @@ def _prefix_segments(extent: Tensor, num_candidates: int) -> list[tuple[slice | 
 
 
 class _Workspace:
-    """Flat buffers reused by every round of a call, viewed at each round's shape.
+    """Flat buffers reused by every round, and every call, of one sampler, viewed at each round's shape.
 
-    A round's ``(rows, candidates)`` matrices (scores, acceptances, ranks, scatter indices) change
-    shape from round to round; allocating them afresh made the allocator hand out new pages (page
-    faults) more often than it reused old ones. One buffer per role, grown when too small, avoids that.
+    A round's ``(rows, candidates)`` matrices (scores, acceptances, ranks, scatter indices, the
+    block's columns) change shape from round to round; allocated afresh, each touched new pages
+    (page faults: element-wise passes over them ran 10-30x slower than on warm memory). One buffer
+    per role, grown when too small and kept by the sampler, avoids that. Their size is bounded by a
+    block, about ``_BLOCK_ELEMENTS`` entries per role (about 25 MB in all); nothing returned by the
+    sampler points into them, but one sampler must not be called from two threads at once.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -508,6 +511,7 @@ class InstanceAwareSampler:
         if not 0.0 < uniform_acceptance <= 1.0:
             raise ValueError(f"uniform_acceptance must be in (0, 1], got {uniform_acceptance!r}")
         self.uniform_acceptance = float(uniform_acceptance)
+        self._workspace: _Workspace | None = None  # kept between calls: see _Workspace
 
     def __repr__(self) -> str:
         return (
@@ -735,7 +739,9 @@ class InstanceAwareSampler:
                          for start in range(first_zero, num_anchors, zero_pool_rows_per_block)]
         zero_pool_block = [envelope is not None and start >= first_zero for start, _ in block_bounds]
         coin_dtype = envelope.pool_rows.dtype if envelope is not None else torch.float32
-        workspace = _Workspace(device)  # the rounds' (rows, candidates) matrices, reused
+        if self._workspace is None or self._workspace.device != device:
+            self._workspace = _Workspace(device)
+        workspace = self._workspace  # the rounds' (rows, candidates) matrices, reused
         row_buffer = torch.empty(0, 0, dtype=coin_dtype, device=device)  # the block's scaled anchor rows, reused
 
         rows_of_block = [everyone[start:stop] if order is None else order[start:stop] for start, stop in block_bounds]
@@ -798,10 +804,12 @@ class InstanceAwareSampler:
                 )  # (p, m)  # fmt: skip
                 # a row's k-th acceptance is its k-th draw: slot = already filled + rank (1-based);
                 # rejections go to slot 0, acceptances beyond the row's need to slot R + 1
-                slot = torch.cumsum(accept, dim=1, dtype=torch.int32, out=workspace.view("slot", shape, torch.int32))  # (p, m)
+                # (ops mixing bool and int32 operands ran up to 20x slower than one explicit conversion)
+                accepted_01 = workspace.view("accepted_01", shape, torch.int32).copy_(accept)  # (p, m) 0/1
+                slot = torch.cumsum(accepted_01, dim=1, out=workspace.view("slot", shape, torch.int32))  # (p, m)
                 counts = slot[:, -1].clone()  # (p,) acceptances per row
                 already = filled[pending]  # (p,)
-                slot.add_(already[:, None]).mul_(accept).clamp_(max=num_negatives + 1)  # (p, m)
+                slot.add_(already[:, None]).mul_(accepted_01).clamp_(max=num_negatives + 1)  # (p, m)
                 index = workspace.view("index", shape, torch.long).copy_(slot)  # (p, m) scatter wants int64
                 values = torch.arange(offset, offset + num_candidates, device=device).expand(shape)
                 if whole_block:

@@ -175,3 +175,17 @@ def test_segments_are_prefixes_that_cover_every_chosen_column(monkeypatch, strat
         whole += columns.shape[0] * candidates.numel()
     if segment_cost == 0:
         assert blocks.scored_pairs < whole
+
+
+def test_a_later_call_leaves_an_earlier_calls_negatives_untouched() -> None:
+    # the sampler keeps its per-round buffers between calls: nothing it returns may point into them
+    sampler = InstanceAwareSampler(num_negatives=7)
+    pool = _probs(60, seed=5)
+    first = sampler(pool, pool, torch.arange(60), generator=torch.Generator().manual_seed(1))
+    kept = [(cand.clone(), cols.clone()) for cand, cols in zip(first.blocks.candidates, first.blocks.columns, strict=True)]
+    index = first.index.clone()
+    other = _probs(45, seed=6)
+    sampler(other[:30], other, torch.arange(30), generator=torch.Generator().manual_seed(2))
+    for (cand, cols), (cand_now, cols_now) in zip(kept, zip(first.blocks.candidates, first.blocks.columns, strict=True), strict=True):
+        assert torch.equal(cand, cand_now) and torch.equal(cols, cols_now)
+    assert torch.equal(first.blocks.to_index(), index)
