@@ -21,13 +21,13 @@ from ._checks import (
     check_valid_mask,
     extract_predictions,
 )
+from ._types import CandidateBlocks
 from .distributed import all_gather_rows, all_gather_rows_with_grad, all_reduce_count, gathered_offset, world_info
 from .functional import (
     SCORES,
     STRATEGIES,
     _info_nce_terms,
     empirical_margin,
-    false_negative_rate,
     fused_probability,
     pixel_hinge,
     positive_similarity,
@@ -369,7 +369,7 @@ class InstanceAwarePixelContrast(nn.Module):
                 width,
                 local_pool,
                 anchor_flat if sampled else anchor_flat[:0],
-                samples.index if samples is not None else torch.empty(0, 0, dtype=torch.long, device=device),
+                samples.blocks if samples is not None else None,
                 bank_z.shape[0],
                 distributed,
             )
@@ -441,7 +441,7 @@ class InstanceAwarePixelContrast(nn.Module):
         width: int,
         local_pool: Tensor,
         anchor_flat: Tensor,
-        negative_index: Tensor,
+        blocks: CandidateBlocks | None,
         num_bank: int,
         distributed: bool,
     ) -> float | None:
@@ -459,5 +459,16 @@ class InstanceAwarePixelContrast(nn.Module):
         if num_bank > 0:  # bank rows come from earlier images: never the anchor's instance
             bank_keys = -2 - torch.arange(num_bank, device=ids.device)
             pool_keys = torch.cat([pool_keys, bank_keys])
-        rate = false_negative_rate(keys[anchor_flat], pool_keys[negative_index], ignore_index=-1)
-        return None if bool(torch.isnan(rate)) else float(rate)
+        if blocks is None:
+            return None
+        # block by block from the candidate lists (no (A, R) index is assembled): the same counts as
+        # false_negative_rate(keys[anchor_flat], pool_keys[samples.index], ignore_index=-1)
+        anchor_keys = keys[anchor_flat]  # (A,)
+        same = countable = 0
+        for block, (candidates, columns) in enumerate(zip(blocks.candidates, blocks.columns, strict=True)):
+            negative_keys = pool_keys[candidates][columns.long()]  # (c, R)
+            own = anchor_keys[blocks.block_rows(block)][:, None]  # (c, 1)
+            counted = (negative_keys != -1) & (own != -1)  # (c, R)
+            same += int(((negative_keys == own) & counted).sum())
+            countable += int(counted.sum())
+        return same / countable if countable else None
