@@ -56,8 +56,10 @@ is sized for its median anchor; the anchors still short (about half, each missin
 negatives) finish in a second, much smaller round. A row that needs a later round has used up the
 earlier ones, so each row needs the block's candidates up to the last one it accepted: the block's
 rows are then sorted by that position, and the candidate list is cut into pieces each scored for a
-prefix of the rows (:class:`CandidateBlocks` segments, views for the loss, no gathers). An anchor whose pool scores are all zero (up to the rounding of the vectors' norms) — all
-candidates look like the same instance — is not sampled from its envelope: it is reported
+prefix of the rows (:class:`CandidateBlocks` segments, views for the loss, no gathers).
+
+**Zero pools.** An anchor whose pool scores are all zero (up to the rounding of the vectors'
+norms) — all candidates look like the same instance — is not sampled from its envelope: it is reported
 (``zero_pool_anchors``) and gets uniform draws over the pool minus itself, counted as fallbacks,
 drawn as ``strategy="uniform"`` draws them (shared proposals thinned at ``uniform_acceptance``, in
 blocks of their own), so a collapsed model costs what uniform sampling costs.
