@@ -515,6 +515,11 @@ class InstanceAwareSampler:
         self.uniform_acceptance = float(uniform_acceptance)
         self._workspace: _Workspace | None = None  # kept between calls: see _Workspace
 
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_workspace"] = None  # scratch memory: not part of a copy or a pickle
+        return state
+
     def __repr__(self) -> str:
         return (
             f"InstanceAwareSampler(num_negatives={self.num_negatives}, strategy={self.strategy!r}, "

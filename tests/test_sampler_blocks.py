@@ -189,3 +189,17 @@ def test_a_later_call_leaves_an_earlier_calls_negatives_untouched() -> None:
     for (cand, cols), (cand_now, cols_now) in zip(kept, zip(first.blocks.candidates, first.blocks.columns, strict=True), strict=True):
         assert torch.equal(cand, cand_now) and torch.equal(cols, cols_now)
     assert torch.equal(first.blocks.to_index(), index)
+
+
+def test_copies_and_pickles_of_a_used_sampler_carry_no_scratch_buffers() -> None:
+    import copy
+    import pickle
+
+    sampler = InstanceAwareSampler(num_negatives=5)
+    pool = _probs(40, seed=8)
+    sampler(pool, pool, torch.arange(40), generator=torch.Generator().manual_seed(0))
+    assert sampler._workspace is not None and sampler._workspace.buffers
+    for clone in (copy.deepcopy(sampler), pickle.loads(pickle.dumps(sampler))):
+        assert clone._workspace is None and repr(clone) == repr(sampler)
+        out = clone(pool, pool, torch.arange(40), generator=torch.Generator().manual_seed(0))
+        assert out.index.shape == (40, 5)
