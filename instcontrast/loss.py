@@ -33,7 +33,7 @@ from .functional import (
     positive_similarity,
 )
 from .memory_bank import PixelMemoryBank
-from .ops.rows import pixel_rows
+from .ops.rows import pixel_rows, take_rows
 from .sampler import InstanceAwareSampler, NegativeSamples
 
 __all__ = ["ANCHOR_MEANS", "LOSSES", "ContrastOutput", "ContrastStats", "InstanceAwarePixelContrast"]
@@ -312,8 +312,9 @@ class InstanceAwarePixelContrast(nn.Module):
         # enqueue, and (detach_strong=False) the all-reduce in the gather's backward.
         distributed = self.gather_distributed and world_info()[1] > 1
         every_pixel = local_pool.numel() == valid_flat.numel()  # local_pool is then arange: no copies
-        pool_z = z_strong_flat if every_pixel else z_strong_flat[local_pool]  # (M_local, D)
-        pool_probs = probs if probs is None or every_pixel else probs[local_pool]  # (M_local, E)
+        local_strong = z_strong_flat if every_pixel else take_rows(z_strong_flat, local_pool)  # (M_local, D)
+        pool_z = local_strong
+        pool_probs = probs if probs is None or every_pixel else take_rows(probs, local_pool)  # (M_local, E)
         offset = 0
         if distributed:
             offset = gathered_offset(local_pool.numel(), device)
@@ -342,8 +343,10 @@ class InstanceAwarePixelContrast(nn.Module):
                 generator=generator,
             )
             every_anchor = every_pixel and anchor_flat.numel() == valid_flat.numel()  # anchor_flat is arange
-            anchors = z_weak_flat if every_anchor else z_weak_flat[anchor_flat]  # (A, D)
-            positives = z_strong_flat if every_anchor else z_strong_flat[anchor_flat]  # (A, D)
+            every_valid_anchor = anchor_flat.numel() == local_pool.numel()  # anchor_flat is local_pool
+            anchors = z_weak_flat if every_anchor else take_rows(z_weak_flat, anchor_flat)  # (A, D)
+            # the pool's own rows when the anchors are every valid pixel (normalised once, not twice)
+            positives = local_strong if every_valid_anchor else take_rows(z_strong_flat, anchor_flat)  # (A, D)
             similarities = None  # (cos⁺ per anchor, Σ cos⁻) when the loss formed them anyway
             if self.loss_type == "infonce":
                 loss_sum, positive_cos, negative_sum = _info_nce_terms(
@@ -374,7 +377,7 @@ class InstanceAwarePixelContrast(nn.Module):
                 distributed,
             )
         if self.memory_bank is not None and self.training and probs is not None:
-            self.memory_bank.enqueue(z_strong_flat[local_pool].detach(), probs[local_pool], generator=generator)
+            self.memory_bank.enqueue(local_strong.detach(), take_rows(probs, local_pool), generator=generator)
         return ContrastOutput(loss=loss, stats=stats, samples=samples, anchor_index=anchor_flat if sampled else None)
 
     def _normalize(self, loss_sum: Tensor, total_anchors: int, distributed: bool) -> Tensor:
