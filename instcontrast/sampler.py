@@ -442,7 +442,7 @@ class _Workspace:
     """Flat buffers reused by every round, and every call, of one sampler, viewed at each round's shape.
 
     A round's ``(rows, candidates)`` matrices (scores, acceptances, ranks, scatter indices, the
-    block's columns) change shape from round to round; allocated afresh, each touched new pages
+    block's columns and scaled anchor rows) change shape from round to round; allocated afresh, each touched new pages
     (page faults: element-wise passes over them ran 10-30x slower than on warm memory). One buffer
     per role, grown when too small and kept by the sampler, avoids that. Their size is bounded by a
     block, about ``_BLOCK_ELEMENTS`` entries per role (about 25 MB in all); nothing returned by the
@@ -749,7 +749,6 @@ class InstanceAwareSampler:
         if self._workspace is None or self._workspace.device != device:
             self._workspace = _Workspace(device)
         workspace = self._workspace  # the rounds' (rows, candidates) matrices, reused
-        row_buffer = torch.empty(0, 0, dtype=coin_dtype, device=device)  # the block's scaled anchor rows, reused
 
         rows_of_block = [everyone[start:stop] if order is None else order[start:stop] for start, stop in block_bounds]
         pending_of_block = [(~zero_pool[rows]).nonzero(as_tuple=True)[0] for rows in rows_of_block]  # sampled from the target
@@ -787,9 +786,8 @@ class InstanceAwareSampler:
                 if block_envelope is not None:  # zero-pool rows: never scored, any finite scale does
                     row_scale = torch.ones(size, dtype=torch.float64, device=device)  # (c,)
                     row_scale[pending] = constant.pow(-1.0 / envelope.exponent)
-                    if row_buffer.shape[0] < size:
-                        row_buffer = torch.empty(size, envelope.pool_rows.shape[1], dtype=coin_dtype, device=device)
-                    row_block = envelope.anchor_block(rows, out=row_buffer[:size])  # (c, E+2), reused buffer
+                    anchor_buffer = workspace.view("anchor_rows", (size, envelope.pool_rows.shape[1]), coin_dtype)
+                    row_block = envelope.anchor_block(rows, out=anchor_buffer)  # (c, E+2)
                     row_block.mul_(row_scale.to(envelope.pool_rows.dtype)[:, None])
             while pending.numel() > 0 and rounds < self.max_rounds:
                 rounds += 1
