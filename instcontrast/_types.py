@@ -63,12 +63,16 @@ class CandidateBlocks:
         stop = start + self.columns[block].shape[0]
         return slice(start, stop) if self.order is None else self.order[start:stop]
 
-    def anchor_rows(self, block: int, rows: Tensor | None) -> slice | Tensor:
-        """The anchors of local ``rows`` of a block (``None`` = all of them), for indexing ``(A, ...)`` tensors."""
+    def anchor_rows(self, block: int, rows: Tensor | slice | None) -> slice | Tensor:
+        """The anchors of local ``rows`` of a block (a segment's rows: ``None`` = all of them, a
+        ``slice`` or an index tensor), for indexing ``(A, ...)`` tensors."""
         block_rows = self.block_rows(block)
-        if rows is None:
-            return block_rows
-        return block_rows[rows] if isinstance(block_rows, Tensor) else rows + block_rows.start
+        if rows is None or isinstance(block_rows, Tensor):
+            return block_rows if rows is None else block_rows[rows]
+        if isinstance(rows, slice):
+            local = range(self.columns[block].shape[0])[rows]
+            return slice(block_rows.start + local.start, block_rows.start + local.stop, local.step)
+        return rows + block_rows.start
 
     def block_segments(self, block: int) -> tuple[tuple[Tensor | slice | None, int, int], ...]:
         """The ``(rows, lo, hi)`` segments of one block."""

@@ -203,3 +203,18 @@ def test_copies_and_pickles_of_a_used_sampler_carry_no_scratch_buffers() -> None
         assert clone._workspace is None and repr(clone) == repr(sampler)
         out = clone(pool, pool, torch.arange(40), generator=torch.Generator().manual_seed(0))
         assert out.index.shape == (40, 5)
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+def test_anchor_rows_of_a_slice_segment_equal_those_of_the_same_rows_as_an_index(ordered) -> None:
+    from instcontrast import CandidateBlocks
+
+    columns = (torch.zeros(3, 2, dtype=torch.int32), torch.zeros(4, 2, dtype=torch.int32))
+    blocks = CandidateBlocks(
+        starts=(0, 3), candidates=(torch.tensor([0, 1]), torch.tensor([2])), columns=columns, num_negatives=2,
+        order=torch.tensor([6, 0, 4, 2, 5, 1, 3]) if ordered else None,
+    )
+    every = torch.arange(7)
+    for rows in (slice(0, 3), slice(1, 4), slice(0, 1)):
+        as_index = torch.arange(4)[rows]
+        assert torch.equal(every[blocks.anchor_rows(1, rows)], every[blocks.anchor_rows(1, as_index)])
