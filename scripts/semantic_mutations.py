@@ -34,7 +34,7 @@ Mutation = tuple[str, list[tuple[str, str]], list[str]]
 LIBRARY: dict[str, Mutation] = {
     "infonce_positive_from_anchor": (
         "instcontrast/functional.py",
-        [("positive_logit = (anchors_n * _normalized(positives))", "positive_logit = (anchors_n * anchors_n)")],
+        [("positive_cos = row_dot(anchors_n, positives_n)", "positive_cos = row_dot(anchors_n, anchors_n)")],
         ["tests/test_functional.py", "tests/test_loss_module.py"],
     ),
     "hinge_positive_not_normalized": (
@@ -60,7 +60,7 @@ LIBRARY: dict[str, Mutation] = {
     ),
     "bank_stores_weak_view": (
         "instcontrast/loss.py",
-        [("self.memory_bank.enqueue(z_strong_flat[local_pool].detach()", "self.memory_bank.enqueue(z_weak_flat[local_pool].detach()")],
+        [("self.memory_bank.enqueue(local_strong.detach()", "self.memory_bank.enqueue(take_rows(z_weak_flat, local_pool).detach()")],
         ["tests/test_memory_bank.py", "tests/test_loss_module.py"],
     ),
     "negative_cosine_wrong_sign": (
@@ -102,12 +102,12 @@ LIBRARY: dict[str, Mutation] = {
     ),
     "blocked_segment_rows_without_block_start": (
         "instcontrast/ops/chunked.py",
-        [("grad_anchors.index_add_(0, blocks.anchor_rows(block, rows),", "grad_anchors.index_add_(0, rows,")],
+        [("grad_anchors.index_add_(0, block_rows, anchor_grad)", "grad_anchors.index_add_(0, torch.arange(anchor_grad.shape[0]), anchor_grad)")],
         ["tests/test_backends.py", "tests/test_sampler_blocks.py"],
     ),
     "blocked_lse_ignores_row_order": (
         "instcontrast/ops/chunked.py",
-        [("            lse[rows] = torch.logsumexp(", "            lse[blocks.starts[block] : blocks.starts[block] + rows.numel() if not isinstance(rows, slice) else rows] = torch.logsumexp(")],
+        [("            lse[rows] = block_lse", "            lse[blocks.starts[block] : blocks.starts[block] + block_lse.numel()] = block_lse")],
         ["tests/test_backends.py", "tests/test_sampler_blocks.py"],
     ),
     "blocks_index_ignores_row_order": (
@@ -117,7 +117,7 @@ LIBRARY: dict[str, Mutation] = {
     ),
     "sampler_row_constants_ignore_row_order": (
         "instcontrast/sampler.py",
-        [("row_block = envelope.anchor_rows[rows] *", "row_block = envelope.anchor_rows[start:stop] *")],
+        [("row_block = envelope.anchor_block(rows, out=anchor_buffer)", "row_block = envelope.anchor_block(everyone[start:stop], out=anchor_buffer)")],
         ["tests/test_sampler.py", "tests/test_sampler_blocks.py"],
     ),
     "chunked_backward_first_block_lse": (
