@@ -364,12 +364,18 @@ def false_negative_rate(anchor_ids: Tensor, negative_ids: Tensor, ignore_index: 
         raise ValueError(
             f"anchor_ids must be (A,) and negative_ids (A, R); got {tuple(anchor_ids.shape)} and {tuple(negative_ids.shape)}"
         )
-    countable = (anchor_ids != ignore_index)[:, None] & (negative_ids != ignore_index)  # (A, R)
-    same = (negative_ids == anchor_ids[:, None]) & countable  # (A, R)
-    total = countable.sum()
+    same, total = _false_negative_counts(anchor_ids, negative_ids, ignore_index)
     if int(total) == 0:
         return torch.tensor(float("nan"), device=anchor_ids.device)
-    return same.sum().double().div(total).float()
+    return same.double().div(total).float()
+
+
+def _false_negative_counts(anchor_ids: Tensor, negative_ids: Tensor, ignore_index: int = -1) -> tuple[Tensor, Tensor]:
+    """``(same, countable)``: the numerator and denominator of :func:`false_negative_rate`, scalar
+    int64 tensors, for summing over blocks of anchors (``anchor_ids`` ``(c,)``, ``negative_ids`` ``(c, R)``)."""
+    countable = (anchor_ids != ignore_index)[:, None] & (negative_ids != ignore_index)  # (A, R)
+    same = (negative_ids == anchor_ids[:, None]) & countable  # (A, R)
+    return same.sum(), countable.sum()
 
 
 def _sum_negative_cosine(anchors_n: Tensor, pool_n: Tensor, negatives: Tensor | CandidateBlocks) -> Tensor:

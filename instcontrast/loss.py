@@ -26,6 +26,7 @@ from .distributed import all_gather_rows, all_gather_rows_with_grad, all_reduce_
 from .functional import (
     SCORES,
     STRATEGIES,
+    _false_negative_counts,
     _info_nce_terms,
     empirical_margin,
     fused_probability,
@@ -313,8 +314,8 @@ class InstanceAwarePixelContrast(nn.Module):
         distributed = self.gather_distributed and world_info()[1] > 1
         every_pixel = local_pool.numel() == valid_flat.numel()  # local_pool is then arange: no copies
         local_strong = z_strong_flat if every_pixel else take_rows(z_strong_flat, local_pool)  # (M_local, D)
-        pool_z = local_strong
-        pool_probs = probs if probs is None or every_pixel else take_rows(probs, local_pool)  # (M_local, E)
+        local_probs = probs if probs is None or every_pixel else take_rows(probs, local_pool)  # (M_local, E)
+        pool_z, pool_probs = local_strong, local_probs  # extended below by other ranks' rows and the bank
         offset = 0
         if distributed:
             offset = gathered_offset(local_pool.numel(), device)
@@ -377,7 +378,7 @@ class InstanceAwarePixelContrast(nn.Module):
                 distributed,
             )
         if self.memory_bank is not None and self.training and probs is not None:
-            self.memory_bank.enqueue(local_strong.detach(), take_rows(probs, local_pool), generator=generator)
+            self.memory_bank.enqueue(local_strong.detach(), local_probs, generator=generator)
         return ContrastOutput(loss=loss, stats=stats, samples=samples, anchor_index=anchor_flat if sampled else None)
 
     def _normalize(self, loss_sum: Tensor, total_anchors: int, distributed: bool) -> Tensor:
@@ -464,14 +465,13 @@ class InstanceAwarePixelContrast(nn.Module):
             pool_keys = torch.cat([pool_keys, bank_keys])
         if blocks is None:
             return None
-        # block by block from the candidate lists (no (A, R) index is assembled): the same counts as
+        # block by block from the candidate lists (no (A, R) index is assembled): the counts of
         # false_negative_rate(keys[anchor_flat], pool_keys[samples.index], ignore_index=-1)
         anchor_keys = keys[anchor_flat]  # (A,)
         same = countable = 0
         for block, (candidates, columns) in enumerate(zip(blocks.candidates, blocks.columns, strict=True)):
             negative_keys = pool_keys[candidates][columns.long()]  # (c, R)
-            own = anchor_keys[blocks.block_rows(block)][:, None]  # (c, 1)
-            counted = (negative_keys != -1) & (own != -1)  # (c, R)
-            same += int(((negative_keys == own) & counted).sum())
-            countable += int(counted.sum())
+            block_same, block_countable = _false_negative_counts(anchor_keys[blocks.block_rows(block)], negative_keys, -1)
+            same += int(block_same)
+            countable += int(block_countable)
         return same / countable if countable else None
