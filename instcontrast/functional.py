@@ -84,25 +84,24 @@ def fused_probability(
         mask_logits = F.interpolate(mask_logits, size=tuple(size), mode="bilinear", align_corners=False)
     batch, queries = mask_logits.shape[:2]
     mask_probs = mask_logits.reshape(batch, queries, -1).softmax(dim=1)  # (B, K, N)
-    mask_probs = mask_probs.transpose(1, 2)  # (B, N, K)
     if strategy == "mask":
-        return F.normalize(mask_probs, p=2.0, dim=-1)  # (B, N, K)
+        return F.normalize(mask_probs.transpose(1, 2), p=2.0, dim=-1)  # (B, N, K)
     class_probs = class_logits.to(work).softmax(dim=-1)  # (B, K, C+1)
     if strategy == "class":
-        return F.normalize(torch.bmm(mask_probs, class_probs), p=2.0, dim=-1)  # (B, N, C+1)
+        return F.normalize(torch.bmm(mask_probs.transpose(1, 2), class_probs), p=2.0, dim=-1)  # (B, N, C+1)
     # both parts written into one buffer and normalized in place: F.normalize(cat(...)) without two copies
-    fused = torch.empty(*mask_probs.shape[:2], queries + class_probs.shape[-1], dtype=work, device=mask_probs.device)
+    fused = torch.empty(batch, mask_probs.shape[2], queries + class_probs.shape[-1], dtype=work, device=mask_probs.device)
     if torch.is_grad_enabled() and (mask_probs.requires_grad or class_probs.requires_grad):
-        fused[..., :queries] = mask_probs
-        fused[..., queries:] = torch.bmm(mask_probs, class_probs)  # (B, N, C+1)
+        fused[..., :queries] = mask_probs.transpose(1, 2)
+        fused[..., queries:] = torch.bmm(mask_probs.transpose(1, 2), class_probs)  # (B, N, C+1)
     else:
-        # per image, a 2-D transpose into a reused (N, K) buffer, then a row copy: twice as fast as
-        # the 3-D transposing copy; the product then reads the rows just written (unit stride)
-        rows = mask_probs.new_empty(mask_probs.shape[1:])  # (N, K)
+        # per image, both parts as the columns of one (E, N) buffer (F_cᵀ = P_cᵀ P_m is a wide product,
+        # unlike the skinny (N, K)(K, C+1) one), then a single 2-D transposing copy into the rows
+        columns = mask_probs.new_empty(fused.shape[2], fused.shape[1])  # (E, N)
         for image in range(batch):
-            rows.copy_(mask_probs[image])
-            fused[image, :, :queries] = rows
-        torch.bmm(fused[..., :queries], class_probs, out=fused[..., queries:])  # (B, N, C+1)
+            columns[:queries] = mask_probs[image]
+            torch.mm(class_probs[image].T, mask_probs[image], out=columns[queries:])  # (C+1, N)
+            fused[image] = columns.T
     norm = torch.linalg.vector_norm(fused, dim=-1, keepdim=True).clamp_min(1e-12)  # (B, N, 1)
     return fused.div_(norm) if not fused.requires_grad else fused / norm  # (B, N, E)
 

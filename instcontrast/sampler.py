@@ -101,6 +101,7 @@ _PLAN_QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)  # rows of a (sorted) block at whi
 _SEGMENT_POINTS = 33  # rows of a block whose extents are tried as segment cuts
 _SEGMENT_COST = 16384  # pairs one more segment costs the loss in call overhead (about 2 matrix products of 8k pairs)
 _EXPONENT = {"linear": 1.0, "squared": 2.0, "sqrt": 0.5}
+_WIDE_ROWS = 1024  # rows per float64 copy for the norms (about 1 MiB: stays in cache)
 _STAT_ROWS = 8192  # rows per chunk of the float64 row sums: temporaries of a few MiB, reused (no page faults)
 
 
@@ -272,19 +273,24 @@ def _column_sum(rows: Tensor) -> Tensor:
 
 def _centered_rows(rows: Tensor, center: Tensor, work: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """``rows - c`` in ``work``, in the first ``E`` columns of an ``(N, E+2)`` buffer (the scoring
-    rows' layout, last two columns unset), and in float64 ``½(1 - ‖rows_i‖²)`` and ``‖rows_i - c‖²``, ``(N,)``."""
+    rows' layout, last two columns unset), and in float64 ``½(1 - ‖rows_i‖²)`` and ``‖rows_i - c‖²``, ``(N,)``.
+
+    ``1 - ‖rows_i‖²`` is rounding-sized for unit rows, so its norm is taken in float64 (chunks of
+    :data:`_WIDE_ROWS` rows copied into one reused, cache-sized buffer: no large float64
+    temporaries, which page-faulted); ``‖rows_i - c‖²`` only needs the relative accuracy of the
+    work dtype (the envelope's slack covers it).
+    """
     count = rows.shape[0]
     buffer = torch.empty(count, rows.shape[1] + 2, dtype=work, device=rows.device)  # (N, E+2)
     centered = buffer[:, :-2]  # (N, E) view
-    excess = torch.empty(count, dtype=torch.float64, device=rows.device)  # (N,)
-    centered_sq = torch.empty(count, dtype=torch.float64, device=rows.device)  # (N,)
-    center_work = center.to(work)
-    for start in _row_chunks(count):
-        stop = min(count, start + _STAT_ROWS)
-        block = rows[start:stop]  # (n, E)
-        torch.sub(block.to(work), center_work, out=centered[start:stop])
-        excess[start:stop] = 0.5 * (1.0 - torch.linalg.vector_norm(block, dim=1, dtype=torch.float64).square())
-        centered_sq[start:stop] = torch.linalg.vector_norm(centered[start:stop], dim=1, dtype=torch.float64).square()
+    torch.sub(rows.to(work), center.to(work), out=centered)
+    norm = torch.empty(count, dtype=torch.float64, device=rows.device)  # (N,) ‖rows_i‖
+    wide = torch.empty(min(count, _WIDE_ROWS), rows.shape[1], dtype=torch.float64, device=rows.device)
+    for start in range(0, count, _WIDE_ROWS):
+        block = wide[: min(count, start + _WIDE_ROWS) - start].copy_(rows[start : start + _WIDE_ROWS])  # (n, E)
+        torch.linalg.vector_norm(block, dim=1, out=norm[start : start + block.shape[0]])
+    excess = norm.square_().neg_().add_(1.0).mul_(0.5)  # (N,) ½(1 - ‖rows_i‖²)
+    centered_sq = torch.linalg.vector_norm(centered, dim=1).to(torch.float64).square_()  # (N,)
     return buffer, excess, centered_sq
 
 
@@ -772,7 +778,8 @@ class InstanceAwareSampler:
             block_envelope = None if uniform_rows else envelope  # None: uniform proposals and thinning
             own = anchor_pool_index[rows]  # (c,)
             # column 0 takes rejections, column R + 1 acceptances beyond a row's need: both dropped
-            columns = workspace.view("columns", (size, num_negatives + 2), torch.long).fill_(-1)  # (c, R + 2)
+            # int32 positions in the block's candidate list (a block proposes far fewer than 2^31)
+            columns = workspace.view("columns", (size, num_negatives + 2), torch.int32).fill_(-1)  # (c, R + 2)
             filled = torch.zeros(size, dtype=torch.int32, device=device)  # (c,)
             candidate_parts: list[Tensor] = []
             offset = rounds = 0
@@ -816,7 +823,7 @@ class InstanceAwareSampler:
                 already = filled[pending]  # (p,)
                 slot.add_(already[:, None]).mul_(accepted_01).clamp_(max=num_negatives + 1)  # (p, m)
                 index = workspace.view("index", shape, torch.long).copy_(slot)  # (p, m) scatter wants int64
-                values = torch.arange(offset, offset + num_candidates, device=device).expand(shape)
+                values = torch.arange(offset, offset + num_candidates, dtype=torch.int32, device=device).expand(shape)
                 if whole_block:
                     columns.scatter_(1, index, values)
                 else:
@@ -837,7 +844,7 @@ class InstanceAwareSampler:
                 short = block_rows < 0  # (p, R)
                 count = int(short.sum())
                 fallback = _uniform_excluding(own[short_rows], pool_size, (short_rows.numel(), num_negatives), generator)
-                block_rows[short] = offset + torch.arange(count, device=device)
+                block_rows[short] = torch.arange(offset, offset + count, dtype=torch.int32, device=device)
                 columns[short_rows] = block_rows
                 candidate_parts.append(fallback[short])
                 offset += count
@@ -849,7 +856,7 @@ class InstanceAwareSampler:
             row_order[start:stop] = rows[by_extent]
             starts.append(start)
             block_candidates.append(torch.cat(candidate_parts))
-            block_columns.append(columns[by_extent].to(torch.int32))  # (c, R): half the memory of int64
+            block_columns.append(torch.index_select(columns, 0, by_extent))  # (c, R) int32: half the memory of int64
             block_segments.append(tuple(_prefix_segments(extent, offset)))
             max_rounds_used = max(max_rounds_used, rounds)
         blocks = CandidateBlocks(
