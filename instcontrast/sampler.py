@@ -702,12 +702,14 @@ class InstanceAwareSampler:
             column_scale = envelope.proposal_density(candidates, mixture).pow(-1.0 / envelope.exponent)  # (m,)
             columns = torch.index_select(envelope.pool_rows, 0, candidates).mul_(column_scale.to(envelope.pool_rows.dtype)[:, None])  # (m, E+2)
             torch.lt(torch.addmm(coins, row_block, columns.T, out=scores), 0, out=accept)  # (c, m): u^{1/k} < s (C_p h_q)^{-1/k}
-        # the anchor itself has s = 0: find candidates equal to one of these rows' own pool entry
+        # the anchor itself has s = 0: reject every (row, candidate) whose candidate is the row's own pool
+        # entry; several rows may share one (anchors passed twice), so each candidate matches a range
         own_sorted, own_order = torch.sort(own)  # (c,)
-        position = torch.searchsorted(own_sorted, candidates).clamp_(max=own.numel() - 1)  # (m,)
-        hit_column = (own_sorted[position] == candidates).nonzero(as_tuple=True)[0]
-        hit_row = own_order[position[hit_column]]
-        accept[hit_row, hit_column] = False
+        first = torch.searchsorted(own_sorted, candidates)  # (m,)
+        matches = torch.searchsorted(own_sorted, candidates, right=True) - first  # (m,) rows whose own entry it is
+        hit_column = torch.repeat_interleave(torch.arange(num_candidates, device=own.device), matches)  # (h,)
+        within = torch.arange(hit_column.numel(), device=own.device) - (matches.cumsum(0) - matches)[hit_column]  # (h,)
+        accept[own_order[first[hit_column] + within], hit_column] = False
         return accept
 
     def _rejection_sample(

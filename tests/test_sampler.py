@@ -81,6 +81,21 @@ def test_a_pool_with_all_zero_scores_falls_back_to_uniform_and_says_so() -> None
     assert (out.index != torch.arange(4)[:, None]).all()  # the fallback still excludes the anchor
 
 
+@pytest.mark.parametrize("case", ["uniform", "zero-pool", "fusion"])
+def test_an_anchor_passed_several_times_never_draws_its_own_row(case: str) -> None:
+    own = torch.tensor([0, 0, 0, 3, 1, 3, 0, 2, -1])  # repeated pool rows in one block of anchors
+    generator = torch.Generator().manual_seed(0)
+    if case == "uniform":
+        out = InstanceAwareSampler(num_negatives=200, strategy="uniform")(None, None, own, pool_size=4, generator=generator)
+    else:
+        probs = torch.nn.functional.normalize(torch.ones(4, 3) if case == "zero-pool" else torch.rand(4, 3), dim=1)
+        anchor_probs = probs[own.clamp_min(0)]
+        out = InstanceAwareSampler(num_negatives=200, score="sqrt")(anchor_probs, probs, own, generator=generator)
+    drew_own = (out.index == own[:, None]).sum(dim=1)  # (A,)
+    assert drew_own.tolist() == [0] * own.numel()
+    assert torch.bincount(out.index[own >= 0].reshape(-1), minlength=4).min() > 0  # the others are drawn
+
+
 def test_anchor_outside_the_pool_can_sample_any_row() -> None:
     out = InstanceAwareSampler(num_negatives=2000, strategy="uniform")(None, None, torch.tensor([-1]), pool_size=12)
     assert torch.bincount(out.index[0], minlength=12).min() > 0
