@@ -120,6 +120,11 @@ LIBRARY: dict[str, Mutation] = {
         [("row_block = envelope.anchor_block(rows, out=anchor_buffer)", "row_block = envelope.anchor_block(everyone[start:stop], out=anchor_buffer)")],
         ["tests/test_sampler.py", "tests/test_sampler_blocks.py"],
     ),
+    "sampler_own_row_first_match_only": (
+        "instcontrast/sampler.py",
+        [("matches = torch.searchsorted(own_sorted, candidates, right=True) - first", "matches = (torch.searchsorted(own_sorted, candidates, right=True) > first).long()")],
+        ["tests/test_sampler.py"],
+    ),
     "chunked_backward_first_block_lse": (
         "instcontrast/ops/chunked.py",
         [("weights = torch.exp(similarities - lse[start:stop, None])", "weights = torch.exp(similarities - lse[: stop - start, None])")],
