@@ -22,7 +22,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
-SCRIPTS = ("bench_peers", "bench_scaling", "bench_loss", "bench_roofline", "bench_bank", "bench_confidence")
+SCRIPTS = ("bench_peers", "bench_scaling", "bench_loss", "bench_roofline", "bench_bank", "bench_confidence", "bench_envelope")
 HAVE_PML = importlib.util.find_spec("pytorch_metric_learning") is not None
 TIMEOUT_S = 300
 
@@ -192,3 +192,13 @@ def test_bench_confidence_smoke(smoke_runs: dict[str, tuple[dict[str, Any], Path
         for run in row["runs"]:
             _check_peak(run["peak_rss_bytes"])
             assert run["fallbacks"] == 0
+
+
+def test_bench_envelope_smoke(smoke_runs: dict[str, tuple[dict[str, Any], Path]]) -> None:
+    report = _report(smoke_runs, "bench_envelope")
+    (case,) = report["cases"]
+    rates = [case["sampler_acceptance"], case["norm_envelope_acceptance"], *case["principal_shared"].values(), *case["per_anchor_ideal"].values()]
+    assert all(0.0 < rate <= 1.0 for rate in rates), case
+    # the computed norm envelope is the sampler's own: its acceptance matches what the sampler measures
+    assert abs(case["sampler_acceptance"] - case["norm_envelope_acceptance"]) < 0.1, case
+    assert set(case["per_anchor_ideal"]) == {"0", "2"} and set(case["principal_shared"]) == {"r=2, 32 rows"}
