@@ -56,6 +56,8 @@ SMOKE_SHAPE = Shape(batch=2, height=8, width=8, queries=6, classes=3, dim=16, ne
 RANKS = (2, 4, 8)
 ROWS_PER_BLOCK = (1024, 2048, 4096)
 YOUNG_GRID = tuple(itertools.product((0.1, 0.3, 1.0), (0.3, 1.0, 3.0)))  # (η, ζ)
+CANDIDATE_WEIGHTS = (0.5, 1.0, 2.0, 4.0)  # γ: weight of ‖d_⊥‖² in a block's candidate term
+ANCHOR_SCALES = (1.02, 1.05, 1.1, 1.2, 1.35, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 6.0)  # α tried per anchor
 
 
 def fused_rows(shape: Shape, case: str) -> torch.Tensor:
@@ -86,6 +88,38 @@ def best_block_cost(envelope: Any, rows: torch.Tensor, bound: torch.Tensor, spre
     mixtures = torch.tensor(_MIXTURE_WEIGHTS, dtype=torch.float64)
     rates = (envelope.score_sum[rows][:, None] / shifted.envelope_constant(rows, mixtures)).clamp(max=1.0)  # (c, L)
     inverse = 1.0 / rates  # (c, L)
+    return inverse[:, int(inverse.mean(dim=0).argmin())]
+
+
+def per_anchor_weight_cost(
+    score_sum: torch.Tensor, excess: torch.Tensor, block: torch.Tensor, anchor_spread: torch.Tensor,
+    pool_spread: torch.Tensor, perpendicular: torch.Tensor, gamma: float,
+) -> torch.Tensor:
+    r"""``1/ρ_p`` of a block's rows with Young weights chosen per anchor (best mixture ``λ`` for the block).
+
+    The block proposes from ``w_q = b_q + ½‖z_q - x̄‖² + ½γ‖d_⊥‖²``; anchor ``p`` bounds
+    ``s ≤ min(1, K_p(α) + α w_q)`` with ``η = α - 1``, ``ζ = 1/(αγ - 1)``,
+    ``K_p = a_p + ½(1 + 1/η)‖x_p - x̄‖² + ½(1 + ζ)‖u_⊥‖²``, and takes the ``α`` of
+    :data:`ANCHOR_SCALES` with the smallest ``C_p = max_w min(1, K + αw) / h(w)`` (at ``w_min``,
+    ``w_max`` or where the cap starts: the ratio is monotone on both sides). Linear score only.
+    """
+    weight = (excess + 0.5 * pool_spread + 0.5 * gamma * perpendicular).clamp_min(0.0)  # (M,) w_q
+    mixtures = torch.tensor(_MIXTURE_WEIGHTS, dtype=torch.float64)  # (L,)
+    uniform_part = (1.0 - mixtures) / weight.numel()  # (L,)
+    weighted_part = mixtures / weight.sum()  # (L,)
+    scale = torch.tensor(ANCHOR_SCALES, dtype=torch.float64).clamp_min(1.0001 / gamma)[None, :, None]  # (1, S, 1) α
+    offset = (
+        excess[block, None, None].clamp_min(0.0)
+        + 0.5 * scale / (scale - 1.0) * anchor_spread[:, None, None]
+        + 0.5 * scale * gamma / (scale * gamma - 1.0) * perpendicular[block, None, None]
+    )  # (c, S, 1) K_p(α)
+    low, high = float(weight.min()), float(weight.max())
+    ratio = None
+    for point in (torch.full_like(offset, low), torch.full_like(offset, high), ((1.0 - offset) / scale).clamp(low, high)):
+        value = (offset + scale * point).clamp(max=1.0) / (uniform_part + weighted_part * point)  # (c, S, L)
+        ratio = value if ratio is None else torch.maximum(ratio, value)
+    constant = ratio.amin(dim=1)  # (c, L): each anchor's best α
+    inverse = 1.0 / (score_sum[:, None] / constant).clamp(max=1.0)  # (c, L)
     return inverse[:, int(inverse.mean(dim=0).argmin())]
 
 
@@ -121,6 +155,7 @@ def measure_case(shape: Shape, case: str, ranks: tuple[int, ...], heights: tuple
     _, vectors = torch.linalg.eigh(centered[sample].T @ centered[sample])
     vectors = vectors.flip(1)  # (E, E) principal directions, largest variance first
     shared: dict[str, float] = {}
+    per_anchor_weights: dict[str, float] = {}
     ideal: dict[str, float] = {}
     rows = sample[:1024]  # the per-anchor ideal on a row sample: Σ_q s / Σ_q min(1, g_p(q))
     exact = (0.5 * (centered_sq[rows, None] + centered_sq[None, :]) - centered[rows] @ centered.T
@@ -132,7 +167,7 @@ def measure_case(shape: Shape, case: str, ranks: tuple[int, ...], heights: tuple
         coordinates = centered @ vectors[:, :rank]  # (M, r) x = z
         perpendicular = (centered_sq - coordinates.square().sum(dim=1)).clamp_min(0.0)  # (M,) ‖u_⊥‖²
         for height in heights:
-            inverse = []
+            inverse, per_anchor_inverse = [], []
             for block in kd_blocks(coordinates, everyone, max(1, math.ceil(pool_size / height))):
                 block_center = coordinates[block].mean(dim=0)  # (r,) x̄
                 anchor_spread = (coordinates[block] - block_center).square().sum(dim=1)  # (c,) ‖x_p - x̄‖²
@@ -143,7 +178,12 @@ def measure_case(shape: Shape, case: str, ranks: tuple[int, ...], heights: tuple
                     spread = (excess + 0.5 * (1 + eta) * pool_spread + 0.5 * (1 + 1 / zeta) * perpendicular).clamp_min(0.0)
                     costs.append(best_block_cost(envelope, block, bound, spread))
                 inverse.append(min(costs, key=lambda cost: float(cost.mean())))
+                per_anchor_inverse.append(
+                    min((per_anchor_weight_cost(envelope.score_sum[block], excess, block, anchor_spread, pool_spread, perpendicular, gamma)
+                         for gamma in CANDIDATE_WEIGHTS), key=lambda cost: float(cost.mean()))
+                )  # fmt: skip
             shared[f"r={rank}, {height} rows"] = harmonic_acceptance(inverse)
+            per_anchor_weights[f"r={rank}, {height} rows"] = harmonic_acceptance(per_anchor_inverse)
         # exact inner product along P: ½‖x_p - z_q‖² = ½(‖x_p‖² + ‖z_q‖²) - ⟨x_p, z_q⟩
         coordinate_sq = coordinates.square().sum(dim=1)  # (M,)
         inside = 0.5 * (coordinate_sq[rows, None] + coordinate_sq[None, :]) - coordinates[rows] @ coordinates.T  # (n, M)
@@ -157,6 +197,7 @@ def measure_case(shape: Shape, case: str, ranks: tuple[int, ...], heights: tuple
         "norm_envelope_acceptance": harmonic_acceptance(norm),
         "rows_per_block": row_height,
         "principal_shared": shared,
+        "principal_per_anchor_weights": per_anchor_weights,
         "per_anchor_ideal": dict(sorted(ideal.items(), key=lambda item: int(item[0]))),
         "variance_share_top": {str(r): float(variance[:r].sum() / variance.sum()) for r in (*ranks, 16)},
     }
@@ -183,6 +224,15 @@ def render_markdown(payload: dict[str, Any]) -> str:
         )
     lines += [
         "",
+        "Principal-direction envelope with Young weights chosen per anchor (α, the block's candidate weight γ and λ per block):",
+        "",
+        "| case | " + " | ".join(payload["cases"][0]["principal_per_anchor_weights"]) + " |",
+        "|---|" + "---|" * len(payload["cases"][0]["principal_per_anchor_weights"]),
+    ]
+    for row in payload["cases"]:
+        lines.append(f"| {row['case']} | " + " | ".join(f"{value:.3f}" for value in row["principal_per_anchor_weights"].values()) + " |")
+    lines += [
+        "",
         "Per-anchor ideal (every anchor its own proposal ∝ its bound; not shareable by a block): Σ_q s / Σ_q g_p, "
         f"mean over {payload['ideal_rows']:,} anchors.",
         "",
@@ -191,10 +241,11 @@ def render_markdown(payload: dict[str, Any]) -> str:
     ]
     for row in payload["cases"]:
         lines.append(f"| {row['case']} | " + " | ".join(f"{value:.3f}" for value in row["per_anchor_ideal"].values()) + " |")
-    gains = [max(row["principal_shared"].values()) - row["norm_envelope_acceptance"] for row in payload["cases"]]
+    gains = [max(*row["principal_shared"].values(), *row["principal_per_anchor_weights"].values()) - row["norm_envelope_acceptance"]
+             for row in payload["cases"]]
     lines += [
         "",
-        "Best principal-direction envelope with block-shared proposals minus the norm envelope: "
+        "Best principal-direction envelope with block-shared proposals (either weighting) minus the norm envelope: "
         + ", ".join(f"{row['case']} {gain:+.3f}" for row, gain in zip(payload["cases"], gains, strict=True))
         + f" (largest gain {max(gains):+.3f}; per-anchor ideal at the largest r minus at r = 0: "
         + ", ".join(f"{row['case']} {list(row['per_anchor_ideal'].values())[-1] - row['per_anchor_ideal']['0']:+.3f}" for row in payload["cases"])
@@ -220,7 +271,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     payload = {
         "benchmark": NAME,
         "environment": common.environment_info(torch.device("cpu")),
-        "config": {"ranks": ranks, "rows_per_block": heights, "young_grid": YOUNG_GRID, "mixture_weights": _MIXTURE_WEIGHTS},
+        "config": {"ranks": ranks, "rows_per_block": heights, "young_grid": YOUNG_GRID, "candidate_weights": CANDIDATE_WEIGHTS,
+                   "anchor_scales": ANCHOR_SCALES, "mixture_weights": _MIXTURE_WEIGHTS},
         "shape": shape.as_dict(),
         "cases": [measure_case(shape, case, ranks, heights) for case in cases],
         "ideal_rows": min(1024, shape.batch * shape.height * shape.width),

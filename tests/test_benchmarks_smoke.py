@@ -197,8 +197,10 @@ def test_bench_confidence_smoke(smoke_runs: dict[str, tuple[dict[str, Any], Path
 def test_bench_envelope_smoke(smoke_runs: dict[str, tuple[dict[str, Any], Path]]) -> None:
     report = _report(smoke_runs, "bench_envelope")
     (case,) = report["cases"]
-    rates = [case["sampler_acceptance"], case["norm_envelope_acceptance"], *case["principal_shared"].values(), *case["per_anchor_ideal"].values()]
+    rates = [case["sampler_acceptance"], case["norm_envelope_acceptance"], *case["principal_shared"].values(),
+             *case["principal_per_anchor_weights"].values(), *case["per_anchor_ideal"].values()]
     assert all(0.0 < rate <= 1.0 for rate in rates), case
     # the computed norm envelope is the sampler's own: its acceptance matches what the sampler measures
     assert abs(case["sampler_acceptance"] - case["norm_envelope_acceptance"]) < 0.1, case
-    assert set(case["per_anchor_ideal"]) == {"0", "2"} and set(case["principal_shared"]) == {"r=2, 32 rows"}
+    assert set(case["per_anchor_ideal"]) == {"0", "2"}
+    assert set(case["principal_shared"]) == set(case["principal_per_anchor_weights"]) == {"r=2, 32 rows"}
