@@ -218,3 +218,16 @@ def test_anchor_rows_of_a_slice_segment_equal_those_of_the_same_rows_as_an_index
     for rows in (slice(0, 3), slice(1, 4), slice(0, 1)):
         as_index = torch.arange(4)[rows]
         assert torch.equal(every[blocks.anchor_rows(1, rows)], every[blocks.anchor_rows(1, as_index)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_centered_rows_and_their_norms_match_a_float64_computation_across_chunks(monkeypatch, dtype) -> None:
+    monkeypatch.setattr(sampler_module, "_WIDE_ROWS", 7)  # several chunks and an odd last one
+    rows = torch.nn.functional.normalize(torch.rand(45, 6, generator=torch.Generator().manual_seed(0)), dim=1).to(dtype)
+    center = rows.double().mean(dim=0)
+    buffer, excess, centered_sq = sampler_module._centered_rows(rows, center, dtype)
+    assert buffer.shape == (45, 8) and buffer.dtype == dtype
+    torch.testing.assert_close(buffer[:, :-2], (rows.double() - center).to(dtype))
+    wide = rows.double()
+    torch.testing.assert_close(excess, 0.5 * (1.0 - wide.square().sum(dim=1)), rtol=0, atol=1e-15)  # exact: rounding-sized values
+    torch.testing.assert_close(centered_sq, (wide - center).square().sum(dim=1), rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-12)
