@@ -551,7 +551,7 @@ class InstanceAwareSampler:
                 :class:`~instcontrast.InstanceAwarePixelContrast` does).
             pool_probs: fused probability vectors of the pool (unused for ``"uniform"``).
             anchor_pool_index: each anchor's own row in the pool, or ``-1`` if it is not in it;
-                that row is never sampled for that anchor.
+                that row is never sampled for that anchor (several anchors may name the same row).
             pool_size: pool size ``M``; required for ``"uniform"`` when ``pool_probs`` is ``None``.
             generator: random generator (on the anchors' device) for reproducible draws.
 
