@@ -23,5 +23,8 @@ def test_bench_pipeline_smoke(tmp_path: Path) -> None:
     assert payload["contrastive_overhead"] == pytest.approx(times["with L_pxl"] / times["without L_pxl"])
     assert payload["contrastive_overhead_subsampled"] == pytest.approx(times[subsampled] / times["without L_pxl"])
     assert 0.0 < payload["second_view_share"] < 1.0
+    assert payload["second_view_bf16_share"] > 0.0
+    cosine = payload["second_view_bf16_cosine"]
+    assert -1.0 <= cosine["min"] <= cosine["mean"] <= 1.0 and cosine["mean"] > 0.5  # the same embeddings, rounded
     assert 0.0 <= payload["data_time_share"] < 1.0
     assert payload["inference_images_per_s"] > 0
