@@ -152,8 +152,8 @@ def measure_case(shape: Shape, case: str, ranks: tuple[int, ...], heights: tuple
     norm = [best_block_cost(envelope, block, norm_bound[block], norm_bound) for block in sorted_rows.split(row_height)]
 
     sample = torch.randperm(pool_size, generator=torch.Generator().manual_seed(0))[: min(pool_size, 4096)]
-    _, vectors = torch.linalg.eigh(centered[sample].T @ centered[sample])
-    vectors = vectors.flip(1)  # (E, E) principal directions, largest variance first
+    variance, vectors = torch.linalg.eigh(centered[sample].T @ centered[sample])
+    variance, vectors = variance.flip(0), vectors.flip(1)  # (E,), (E, E): principal directions, largest variance first
     shared: dict[str, float] = {}
     per_anchor_weights: dict[str, float] = {}
     ideal: dict[str, float] = {}
@@ -190,7 +190,6 @@ def measure_case(shape: Shape, case: str, ranks: tuple[int, ...], heights: tuple
         outside = 0.5 * (perpendicular[rows, None].sqrt() + perpendicular[None, :].sqrt()).square()  # (n, M)
         bound = (inside + outside + excess[rows, None] + excess[None, :]).clamp(0.0, 1.0)  # (n, M) g
         ideal[str(rank)] = float((exact.sum(dim=1) / bound.sum(dim=1)).mean())
-    variance = torch.linalg.eigvalsh(centered[sample].T @ centered[sample]).flip(0)
     return {
         "case": case,
         "sampler_acceptance": sampled.acceptance_rate,

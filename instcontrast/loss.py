@@ -468,10 +468,10 @@ class InstanceAwarePixelContrast(nn.Module):
         # block by block from the candidate lists (no (A, R) index is assembled): the counts of
         # false_negative_rate(keys[anchor_flat], pool_keys[samples.index], ignore_index=-1)
         anchor_keys = keys[anchor_flat]  # (A,)
-        same = countable = 0
+        same = countable = 0  # summed as tensors: one host sync for the call, not two per block
         for block, (candidates, columns) in enumerate(zip(blocks.candidates, blocks.columns, strict=True)):
             negative_keys = pool_keys[candidates][columns.long()]  # (c, R)
             block_same, block_countable = _false_negative_counts(anchor_keys[blocks.block_rows(block)], negative_keys, -1)
-            same += int(block_same)
-            countable += int(block_countable)
+            same, countable = same + block_same, countable + block_countable
+        same, countable = int(same), int(countable)
         return same / countable if countable else None
